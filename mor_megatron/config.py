@@ -1,0 +1,564 @@
+"""The one config tree of mor_megatron: typed sections, paper presets, YAML + dotted overrides, validation.
+
+Imports only the standard library and PyYAML, so it can validate a job before torch, megatron-core or any
+worker is started. Sections check only themselves in ``__post_init__``; rules that span sections (heads vs
+tensor parallel size, batch sizes vs data-parallel size, ...) live in :func:`validate`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+Sharing = Literal["cycle", "sequence", "middle_cycle", "middle_sequence"]
+Routing = Literal["none", "expert_choice", "token_choice"]
+KVMode = Literal["recursion_wise", "shared"]
+TokenBalancing = Literal["loss", "loss_free"]
+TransformerImpl = Literal["auto", "local", "transformer_engine"]
+LRSchedule = Literal["cosine", "wsd", "constant"]
+Precision = Literal["auto", "fp32", "bf16"]
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message names the dotted field, the value and what is allowed."""
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """Llama-style decoder shape. ``num_layers`` is the unrolled depth of the model (vanilla: its layer count)."""
+
+    num_layers: int
+    """Unrolled depth: unique first/last layers + shared block x recursions (for R = 1, the vanilla depth)."""
+    hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int
+    """Key/value heads (GQA); equals num_attention_heads for plain multi-head attention."""
+    ffn_hidden_size: int
+    vocab_size: int = 49152
+    max_seq_length: int = 2048
+    rotary_base: float = 10000.0
+    norm_epsilon: float = 1e-5
+    init_method_std: float = 0.02
+    tie_embeddings: bool = True
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    transformer_impl: TransformerImpl = "auto"
+    """`auto`: Transformer Engine layers when TE is installed and CUDA is present, else megatron-core's local ones."""
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
+                     "ffn_hidden_size", "vocab_size", "max_seq_length"):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and value > 0, f"model.{name} must be a positive integer, got {value!r}")
+        _require(self.hidden_size % self.num_attention_heads == 0,
+                 f"model.hidden_size={self.hidden_size} must be divisible by "
+                 f"model.num_attention_heads={self.num_attention_heads}")
+        _require(self.num_attention_heads % self.num_query_groups == 0,
+                 f"model.num_attention_heads={self.num_attention_heads} must be divisible by "
+                 f"model.num_query_groups={self.num_query_groups}")
+        for name in ("hidden_dropout", "attention_dropout"):
+            _require(0.0 <= getattr(self, name) < 1.0, f"model.{name} must be in [0, 1), got {getattr(self, name)}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+@dataclass(kw_only=True)
+class RecursionConfig:
+    """How the layer stack is shared and routed (Mixture-of-Recursions, Bae et al. 2025)."""
+
+    num_recursions: int = 1
+    """N_r: how many times the shared block is applied. 1 with routing `none` is the vanilla model."""
+    sharing: Sharing = "middle_cycle"
+    routing: Routing = "none"
+    kv_mode: KVMode = "recursion_wise"
+    capacities: tuple[float, ...] | None = None
+    """Expert-choice: fraction of the sequence selected at each recursion; default (R - r + 1) / R."""
+    router_alpha: float | None = None
+    """Gate scale; default 0.1 for expert-choice (alpha * sigmoid), 1.0 for token-choice (alpha * softmax)."""
+    router_temperature: float = 1.0
+    aux_loss_coeff: float | None = None
+    """Expert-choice BCE (default 0.001) or token-choice balancing loss (default 0.1)."""
+    z_loss_coeff: float = 0.0
+    token_balancing: TokenBalancing = "loss"
+    """Token-choice: Switch-style balancing loss, or DeepSeek-style loss-free bias."""
+    bias_update_rate: float = 0.001
+    """Token-choice loss-free balancing: bias step u per optimizer step."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.capacities, list):
+            self.capacities = tuple(self.capacities)
+        _require(isinstance(self.num_recursions, int) and self.num_recursions >= 1,
+                 f"recursion.num_recursions must be an integer >= 1, got {self.num_recursions!r}")
+        if self.routing != "none":
+            _require(self.sharing in ("cycle", "middle_cycle"),
+                     f"recursion.sharing={self.sharing!r} cannot be routed: routing {self.routing!r} needs the "
+                     "shared block applied whole per recursion; use 'cycle' or 'middle_cycle'")
+        if self.kv_mode == "shared":
+            _require(self.sharing in ("cycle", "middle_cycle"),
+                     f"recursion.kv_mode='shared' needs sharing 'cycle' or 'middle_cycle', got {self.sharing!r}")
+            _require(self.num_recursions > 1, "recursion.kv_mode='shared' needs recursion.num_recursions > 1")
+        if self.capacities is not None:
+            _require(self.routing == "expert_choice",
+                     f"recursion.capacities is only used by expert_choice routing, not {self.routing!r}")
+            caps = self.capacities
+            _require(len(caps) == self.num_recursions,
+                     f"recursion.capacities has {len(caps)} entries but recursion.num_recursions="
+                     f"{self.num_recursions}")
+            _require(all(0.0 < c <= 1.0 for c in caps), f"recursion.capacities must lie in (0, 1], got {list(caps)}")
+            _require(all(a >= b for a, b in zip(caps, caps[1:])),
+                     f"recursion.capacities must be non-increasing (hierarchical routing), got {list(caps)}")
+        _require(self.router_temperature > 0, f"recursion.router_temperature must be > 0, got {self.router_temperature}")
+        _require(self.z_loss_coeff >= 0, f"recursion.z_loss_coeff must be >= 0, got {self.z_loss_coeff}")
+
+    @property
+    def effective_capacities(self) -> tuple[float, ...]:
+        """Per-recursion selected fraction of the full sequence: (R - r + 1) / R by default (paper eq. 1)."""
+        if self.capacities is not None:
+            return self.capacities
+        r_total = self.num_recursions
+        return tuple((r_total - r) / r_total for r in range(r_total))
+
+    @property
+    def effective_alpha(self) -> float:
+        if self.router_alpha is not None:
+            return self.router_alpha
+        return 1.0 if self.routing == "token_choice" else 0.1
+
+    @property
+    def effective_aux_loss_coeff(self) -> float:
+        if self.aux_loss_coeff is not None:
+            return self.aux_loss_coeff
+        return 0.1 if self.routing == "token_choice" else 0.001
+
+    @property
+    def num_unique_edge_layers(self) -> int:
+        """Unique layers before and after the shared block (1 each for middle-* sharing)."""
+        return 1 if self.sharing.startswith("middle") else 0
+
+
+@dataclass(kw_only=True)
+class ParallelConfig:
+    """Parallel layout; data-parallel size is derived: world_size / (tensor * pipeline)."""
+
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    use_distributed_optimizer: bool = False
+    overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("tensor_parallel_size", "pipeline_parallel_size"):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and value >= 1, f"parallel.{name} must be an integer >= 1, got {value!r}")
+        _require(not self.overlap_param_gather or self.use_distributed_optimizer,
+                 "parallel.overlap_param_gather needs parallel.use_distributed_optimizer=true")
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Training data: Megatron .bin/.idx prefixes blended by weight, or the embedded demo corpus."""
+
+    blend: tuple[str, ...] = ()
+    """Dataset prefixes, optionally weighted: ["0.7", "path/a", "0.3", "path/b"] or ["path/a", "path/b"]."""
+    split: str = "969,30,1"
+    tokenizer: str | None = None
+    """Path to a SentencePiece model (tokenizer_metadata.json beside it is written when missing)."""
+    cache_dir: str | None = None
+    num_workers: int = 0
+    seed: int = 1234
+
+    def __post_init__(self) -> None:
+        if isinstance(self.blend, list):
+            self.blend = tuple(str(b) for b in self.blend)
+        _require(len(self.split.split(",")) == 3 and all(p.strip().replace(".", "", 1).isdigit()
+                                                          for p in self.split.split(",")),
+                 f"data.split must be three comma-separated weights like '969,30,1', got {self.split!r}")
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    lr: float = 3e-3
+    min_lr: float = 0.0
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    schedule: LRSchedule = "wsd"
+    warmup_steps: int = 0
+    decay_fraction: float = 0.2
+    """WSD: fraction of the steps spent in the final linear decay."""
+
+    def __post_init__(self) -> None:
+        _require(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
+        _require(0 <= self.min_lr <= self.lr, f"optim.min_lr must be in [0, optim.lr], got {self.min_lr}")
+        _require(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        _require(0 <= self.decay_fraction <= 1, f"optim.decay_fraction must be in [0, 1], got {self.decay_fraction}")
+        _require(self.clip_grad >= 0, f"optim.clip_grad must be >= 0 (0 disables), got {self.clip_grad}")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    train_steps: int = 100
+    micro_batch_size: int = 1
+    global_batch_size: int = 8
+    seq_length: int | None = None
+    """Training sequence length; defaults to model.max_seq_length."""
+    eval_interval: int = 50
+    eval_steps: int = 4
+    log_interval: int = 10
+    seed: int = 1234
+    precision: Precision = "auto"
+    """`auto`: bf16 on GPU, fp32 on CPU."""
+    recompute: Literal["none", "selective"] = "none"
+
+    def __post_init__(self) -> None:
+        for name in ("train_steps", "micro_batch_size", "global_batch_size", "eval_interval", "log_interval"):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and value >= 1, f"train.{name} must be an integer >= 1, got {value!r}")
+        _require(self.eval_steps >= 0, f"train.eval_steps must be >= 0, got {self.eval_steps}")
+        _require(self.seq_length is None or self.seq_length >= 2,
+                 f"train.seq_length must be >= 2, got {self.seq_length}")
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    save_dir: str | None = None
+    save_interval: int | None = None
+    keep_last: int = 2
+    load_dir: str | None = None
+    """Defaults to save_dir: rerunning the same command resumes."""
+
+    def __post_init__(self) -> None:
+        _require(self.keep_last >= 1, f"checkpoint.keep_last must be >= 1, got {self.keep_last}")
+        _require(self.save_interval is None or self.save_interval >= 1,
+                 f"checkpoint.save_interval must be >= 1, got {self.save_interval}")
+
+
+@dataclass(kw_only=True)
+class TrackingConfig:
+    enabled: bool = True
+    tracking_uri: str | None = None
+    """MLflow tracking URI; default MLFLOW_TRACKING_URI or sqlite:///mlflow.db in the run directory."""
+    experiment: str = "mor_megatron"
+    run_name: str | None = None
+    jsonl_path: str | None = None
+    system_metrics: bool = True
+    timeout_s: float = 5.0
+
+
+@dataclass(kw_only=True)
+class JobConfig:
+    """The whole job. ``preset`` names a model shape; the ``model`` and ``recursion`` sections start from it."""
+
+    preset: str | None = None
+    model: ModelConfig
+    recursion: RecursionConfig = field(default_factory=RecursionConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    output_dir: str = "runs/default"
+
+    @property
+    def seq_length(self) -> int:
+        return self.train.seq_length or self.model.max_seq_length
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Layer layout derived from model + recursion (pure arithmetic, shared by the model, FLOPs and conversion).
+# --------------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LayerLayout:
+    """Which unique layer runs at each unrolled position. Indices are 0-based into the unique-layer list."""
+
+    num_prefix: int
+    """Unique layers before the shared block (1 for middle-* sharing)."""
+    num_shared: int
+    """Unique layers in the shared block (the base depth)."""
+    num_suffix: int
+    num_recursions: int
+    sharing: Sharing
+
+    @property
+    def num_unique_layers(self) -> int:
+        return self.num_prefix + self.num_shared + self.num_suffix
+
+    @property
+    def num_unrolled_layers(self) -> int:
+        return self.num_prefix + self.num_shared * self.num_recursions + self.num_suffix
+
+    def recursion_layers(self, recursion_idx: int) -> list[int]:
+        """Unique-layer indices applied, in order, at 0-based recursion ``recursion_idx``.
+
+        Cycle: the whole block per recursion. Sequence: recursion r runs layers r*B/R ... in the unrolled
+        order (each shared layer repeated R times in a row), so a "recursion" is a contiguous run of unrolled
+        positions, not a pass through the block.
+        """
+        base = self.num_prefix
+        if self.sharing in ("cycle", "middle_cycle"):
+            return list(range(base, base + self.num_shared))
+        unrolled = [base + i // self.num_recursions for i in range(self.num_shared * self.num_recursions)]
+        return unrolled[recursion_idx * self.num_shared:(recursion_idx + 1) * self.num_shared]
+
+
+def layer_layout(model: ModelConfig, recursion: RecursionConfig) -> LayerLayout:
+    """Split ``model.num_layers`` unrolled layers into unique prefix / shared block / suffix."""
+    edge = recursion.num_unique_edge_layers
+    middle = model.num_layers - 2 * edge
+    r_total = recursion.num_recursions
+    if middle < r_total or middle % r_total != 0:
+        fix = _next_divisible_depth(model.num_layers, r_total, edge)
+        raise ConfigError(
+            f"model.num_layers={model.num_layers} does not fit recursion.sharing={recursion.sharing!r} with "
+            f"recursion.num_recursions={r_total}: the {middle} layers outside the {2 * edge} unique edge layers "
+            f"must be a positive multiple of {r_total}; use model.num_layers={fix}")
+    return LayerLayout(num_prefix=edge, num_shared=middle // r_total, num_suffix=edge,
+                       num_recursions=r_total, sharing=recursion.sharing)
+
+
+def _next_divisible_depth(num_layers: int, num_recursions: int, edge: int) -> int:
+    depth = max(num_layers, 2 * edge + num_recursions)
+    while (depth - 2 * edge) % num_recursions:
+        depth += 1
+    return depth
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Paper presets: {135m,360m,730m,1.7b} x {vanilla, recursive-rN, mor-e-rN, mor-t-r3, mor-e-r3-kvshare} + tiny-*.
+# --------------------------------------------------------------------------------------------------------------
+
+_BASES: dict[str, dict[str, int]] = {
+    # SmolLM shapes (paper App. Tab. model_arch); head_dim 64 everywhere.
+    "135m": dict(num_layers=30, hidden_size=576, num_attention_heads=9, num_query_groups=3, ffn_hidden_size=1536),
+    "360m": dict(num_layers=32, hidden_size=960, num_attention_heads=15, num_query_groups=5, ffn_hidden_size=2560),
+    "730m": dict(num_layers=26, hidden_size=1536, num_attention_heads=24, num_query_groups=8, ffn_hidden_size=4096),
+    "1.7b": dict(num_layers=24, hidden_size=2048, num_attention_heads=32, num_query_groups=32, ffn_hidden_size=8192),
+    # CPU-sized shape for tests and the demo.
+    "tiny": dict(num_layers=8, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=176,
+                 vocab_size=2048, max_seq_length=256),
+}
+
+
+def _variants() -> dict[str, dict[str, Any]]:
+    variants: dict[str, dict[str, Any]] = {"vanilla": dict(num_recursions=1, routing="none")}
+    for r in (2, 3, 4):
+        variants[f"recursive-r{r}"] = dict(num_recursions=r, routing="none")
+        variants[f"mor-e-r{r}"] = dict(num_recursions=r, routing="expert_choice")
+    variants["mor-t-r3"] = dict(num_recursions=3, routing="token_choice")
+    variants["mor-e-r3-kvshare"] = dict(num_recursions=3, routing="expert_choice", kv_mode="shared")
+    return variants
+
+
+PRESET_NAMES: tuple[str, ...] = tuple(f"{base}-{variant}" for base in _BASES for variant in _variants())
+
+
+def preset(name: str) -> tuple[ModelConfig, RecursionConfig]:
+    """Model and recursion sections of a named preset.
+
+    Recursive variants use middle-cycle sharing; like the paper, layers are *added* until the middle of the
+    stack divides by N_r (360M, N_r=4 -> 34 layers; 135M, N_r=3 -> 32 layers; 1.7B, N_r=3 -> 26 layers).
+    """
+    base_name, _, variant_name = name.partition("-")
+    if base_name not in _BASES or variant_name not in _variants():
+        close = difflib.get_close_matches(name, PRESET_NAMES, n=3)
+        raise ConfigError(f"unknown preset {name!r}; did you mean {close or 'one of ' + ', '.join(PRESET_NAMES)}?")
+    model_kwargs = dict(_BASES[base_name])
+    recursion = RecursionConfig(sharing="middle_cycle", **_variants()[variant_name])
+    if recursion.num_recursions > 1:
+        model_kwargs["num_layers"] = _next_divisible_depth(model_kwargs["num_layers"], recursion.num_recursions,
+                                                           recursion.num_unique_edge_layers)
+    return ModelConfig(**model_kwargs), recursion
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loading: YAML mapping -> typed dataclasses, dotted overrides, strict unknown-key errors.
+# --------------------------------------------------------------------------------------------------------------
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, annotation: Any, path: str) -> Any:
+    origin = get_origin(annotation)
+    if origin is Literal:
+        allowed = get_args(annotation)
+        _require(value in allowed, f"{path}={value!r} is not one of {list(allowed)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        options = get_args(annotation)
+        if value is None:
+            _require(type(None) in options, f"{path} may not be null")
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, path)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if errors else f"{path}: invalid value {value!r}")
+    if origin in (tuple, list):
+        _require(isinstance(value, (list, tuple)), f"{path} must be a list, got {value!r}")
+        (item_type, *_) = get_args(annotation)
+        return tuple(_coerce(v, item_type, f"{path}[{i}]") for i, v in enumerate(value))
+    if dataclasses.is_dataclass(annotation):
+        _require(isinstance(value, dict), f"{path} must be a mapping, got {value!r}")
+        return _build(annotation, value, path)
+    if annotation is bool:
+        _require(isinstance(value, bool), f"{path} must be true or false, got {value!r}")
+        return value
+    if annotation is int:
+        _require(isinstance(value, int) and not isinstance(value, bool), f"{path} must be an integer, got {value!r}")
+        return value
+    if annotation is float:
+        _require(isinstance(value, (int, float)) and not isinstance(value, bool),
+                 f"{path} must be a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        _require(isinstance(value, (str, int, float)) and not isinstance(value, bool),
+                 f"{path} must be a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _build(cls: type, values: dict[str, Any], path: str) -> Any:
+    hints = _field_types(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in values:
+        if key not in names:
+            dotted = f"{path}.{key}" if path else key
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"; did you mean {(path + '.' if path else '') + close[0]!r}?" if close else \
+                f"; valid keys: {', '.join(names)}"
+            raise ConfigError(f"unknown config key {dotted!r}{hint}")
+    kwargs = {key: _coerce(value, hints[key], f"{path}.{key}" if path else key) for key, value in values.items()}
+    missing = [f.name for f in dataclasses.fields(cls)
+               if f.name not in kwargs and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    _require(not missing, f"missing required config keys: {', '.join((path + '.' if path else '') + m for m in missing)}")
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        _require(isinstance(child, dict), f"override {dotted!r}: {key!r} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """``["model.hidden_size=128", "recursion.capacities=[1,0.5]"]`` -> nested dict (values parsed as YAML)."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        _require(bool(sep) and bool(key.strip()), f"override {item!r} must look like section.key=value")
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+    return tree
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def config_from_dict(values: dict[str, Any]) -> JobConfig:
+    """Build a JobConfig from a plain mapping; a ``preset`` key seeds the model and recursion sections."""
+    values = dict(values)
+    preset_name = values.get("preset")
+    if preset_name is not None:
+        model, recursion = preset(str(preset_name))
+        values["model"] = _merge(dataclasses.asdict(model), values.get("model") or {})
+        values["recursion"] = _merge(_plain(dataclasses.asdict(recursion)), values.get("recursion") or {})
+    _require("model" in values, "the config needs either a 'preset' or a 'model' section")
+    return _build(JobConfig, values, "")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> JobConfig:
+    """Load a YAML config (or start empty), apply dotted overrides, and return the typed tree."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        _require(path.is_file(), f"config file {str(path)!r} does not exist")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        _require(isinstance(loaded, dict), f"config file {str(path)!r} must hold a mapping at the top level")
+        values = loaded
+    values = _merge(values, parse_overrides(overrides or []))
+    return config_from_dict(values)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def config_to_dict(config: JobConfig) -> dict[str, Any]:
+    """Plain, YAML-safe mapping that :func:`config_from_dict` reads back to an equal config."""
+    return _plain(dataclasses.asdict(config))
+
+
+def dump_config(config: JobConfig) -> str:
+    return yaml.safe_dump(config_to_dict(config), sort_keys=False)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Cross-section validation, run before any worker starts.
+# --------------------------------------------------------------------------------------------------------------
+
+def validate(config: JobConfig, world_size: int | None = None) -> None:
+    """Check rules that span sections. ``world_size`` (when known) checks the parallel layout too."""
+    model, rec, par, train = config.model, config.recursion, config.parallel, config.train
+    layer_layout(model, rec)
+    tp = par.tensor_parallel_size
+    _require(model.num_attention_heads % tp == 0,
+             f"model.num_attention_heads={model.num_attention_heads} is not divisible by "
+             f"parallel.tensor_parallel_size={tp}")
+    _require(model.num_query_groups % tp == 0,
+             f"model.num_query_groups={model.num_query_groups} is not divisible by parallel.tensor_parallel_size={tp}")
+    _require(model.ffn_hidden_size % tp == 0,
+             f"model.ffn_hidden_size={model.ffn_hidden_size} is not divisible by parallel.tensor_parallel_size={tp}")
+    _require(config.seq_length <= model.max_seq_length,
+             f"train.seq_length={config.seq_length} exceeds model.max_seq_length={model.max_seq_length}")
+    if rec.routing == "expert_choice":
+        smallest = min(rec.effective_capacities)
+        _require(int(smallest * config.seq_length) >= 1,
+                 f"recursion.capacities select no token at the last recursion for seq_length={config.seq_length}")
+    if world_size is not None:
+        model_parallel = tp * par.pipeline_parallel_size
+        _require(world_size % model_parallel == 0,
+                 f"world size {world_size} is not divisible by parallel.tensor_parallel_size={tp} x "
+                 f"parallel.pipeline_parallel_size={par.pipeline_parallel_size}")
+        dp = world_size // model_parallel
+        _require(train.global_batch_size % (train.micro_batch_size * dp) == 0,
+                 f"train.global_batch_size={train.global_batch_size} is not divisible by train.micro_batch_size="
+                 f"{train.micro_batch_size} x data-parallel size {dp} (world {world_size} / tp {tp} / pp "
+                 f"{par.pipeline_parallel_size})")
