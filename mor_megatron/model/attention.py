@@ -1,0 +1,65 @@
+"""Self-attention with recursive KV sharing (MoR's `shared` KV mode).
+
+In KV-sharing mode every token passes the first recursion, whose layers record their keys and values; later
+recursions compute queries only for their active tokens and attend over the recorded keys and values of the
+whole sequence (paper section 2.2.2). Everything else is megatron-core's ``SelfAttention`` unchanged: with no
+share session attached, this module behaves exactly like its parent.
+
+The recursion block attaches a :class:`KVShareSession` to each shared layer's attention for the duration of a
+forward pass; megatron's ``TransformerLayer.forward`` signature has no slot for it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from torch import Tensor
+
+from megatron.core.transformer.attention import SelfAttention
+
+
+@dataclass
+class KVShareSession:
+    """Per-forward state of one attention module under KV sharing.
+
+    ``mode`` is `record` during the first recursion (store K/V of all tokens, before RoPE) and `reuse`
+    afterwards (replace K/V by the stored ones). Keys are stored un-rotated so RoPE is applied at attention
+    time with the full sequence's positions.
+    """
+
+    mode: Literal["record", "reuse"] = "record"
+    key: Tensor | None = None
+    value: Tensor | None = None
+    reuse_count: int = field(default=0)
+
+
+class MoRSelfAttention(SelfAttention):
+    """megatron-core ``SelfAttention`` that can record and reuse first-recursion keys/values."""
+
+    kv_share_session: KVShareSession | None = None
+
+    def get_query_key_value_tensors(self, hidden_states: Tensor, key_value_states: Tensor | None = None,
+                                    output_gate: bool = False, split_qkv: bool = True):
+        """As the parent; under a KV-share session, record or substitute the key and value tensors.
+
+        Shapes: query ``[sq, b, np, hn]``; key/value ``[sk, b, ng, hn]`` (sk = full sequence when reused).
+        In `reuse` mode the key/value projections of the active tokens are still computed by the fused QKV
+        GEMM and dropped: splitting the fused weight per query group is not worth it for their ~1/3 share of
+        one GEMM.
+        """
+        outputs = super().get_query_key_value_tensors(hidden_states, key_value_states,
+                                                      output_gate=output_gate, split_qkv=split_qkv)
+        session = self.kv_share_session
+        if session is None:
+            return outputs
+        if not split_qkv:
+            raise RuntimeError("KV sharing needs split q/k/v tensors; disable fused_single_qkv_rope")
+        query, key, value, *rest = outputs
+        if session.mode == "record":
+            session.key, session.value = key, value
+            return outputs
+        if session.key is None:
+            raise RuntimeError("KV sharing: no keys were recorded at the first recursion for this layer")
+        session.reuse_count += 1
+        return (query, session.key, session.value, *rest)

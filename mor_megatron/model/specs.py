@@ -1,0 +1,66 @@
+"""megatron-core module specs for MoR models: one layer spec, repeated per unique layer, plus the final norm.
+
+The local provider (megatron-core's own column/row-parallel linears and ``DotProductAttention``) runs anywhere,
+CPU included; the Transformer Engine provider is used when TE is importable and CUDA is present. In both the
+self-attention module is :class:`MoRSelfAttention`, which adds KV sharing and is otherwise the stock one.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+from typing import Literal
+
+import torch
+
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_layer_local_spec,
+    get_gpt_layer_with_transformer_engine_spec,
+)
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+
+from mor_megatron.config import LayerLayout, TransformerImpl
+from mor_megatron.model.attention import MoRSelfAttention
+
+SpecProvider = Literal["local", "transformer_engine"]
+
+
+def resolve_provider(requested: TransformerImpl, *, cuda_available: bool) -> SpecProvider:
+    """`auto` -> Transformer Engine when it is installed and CUDA is present, else local."""
+    has_te = importlib.util.find_spec("transformer_engine") is not None
+    if requested == "auto":
+        return "transformer_engine" if (has_te and cuda_available) else "local"
+    if requested == "transformer_engine" and not (has_te and cuda_available):
+        raise ValueError("model.transformer_impl='transformer_engine' needs transformer_engine installed and a CUDA "
+                         "device; use 'local' or 'auto'")
+    return requested
+
+
+def mor_layer_spec(provider: SpecProvider) -> ModuleSpec:
+    """Llama-style layer (RMSNorm, SwiGLU via the config, RoPE) whose attention is :class:`MoRSelfAttention`."""
+    if provider == "transformer_engine":
+        base = get_gpt_layer_with_transformer_engine_spec()
+    else:
+        base = get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec = copy.deepcopy(base)
+    spec.submodules.self_attention.module = MoRSelfAttention
+    return spec
+
+
+def mor_block_spec(layout: LayerLayout, provider: SpecProvider) -> TransformerBlockSubmodules:
+    """One layer spec per unique layer and the final norm, in the order :class:`MoRBlock` indexes them."""
+    if provider == "transformer_engine":
+        from megatron.core.extensions.transformer_engine import TENorm
+
+        final_norm = TENorm
+    else:
+        final_norm = WrappedTorchNorm
+    layer = mor_layer_spec(provider)
+    return TransformerBlockSubmodules(layer_specs=[layer] * layout.num_unique_layers, layer_norm=final_norm)
+
+
+def default_provider(requested: TransformerImpl) -> SpecProvider:
+    """:func:`resolve_provider` for the device this process runs on."""
+    return resolve_provider(requested, cuda_available=torch.cuda.is_available())
