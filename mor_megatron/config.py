@@ -111,6 +111,9 @@ class RecursionConfig:
             _require(self.sharing in ("cycle", "middle_cycle"),
                      f"recursion.kv_mode='shared' needs sharing 'cycle' or 'middle_cycle', got {self.sharing!r}")
             _require(self.num_recursions > 1, "recursion.kv_mode='shared' needs recursion.num_recursions > 1")
+            _require(not self.capacities or self.capacities[0] == 1.0,
+                     "recursion.kv_mode='shared' records K/V of every token at the first recursion, so "
+                     f"recursion.capacities[0] must be 1.0, got {self.capacities[0] if self.capacities else None}")
         if self.capacities is not None:
             _require(self.routing == "expert_choice",
                      f"recursion.capacities is only used by expert_choice routing, not {self.routing!r}")

@@ -70,6 +70,16 @@ class MoRBlock(TransformerBlock):
         else:
             self.router = None
 
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
+        """Checkpoint keys ``layers.<i>.*`` per unique layer (never stacked along depth).
+
+        The parent stacks homogeneous layers into one ``[config.num_layers, ...]`` tensor; here
+        ``config.num_layers`` is the unrolled depth while only the unique layers exist, so the stacked tensor
+        would have holes. Per-layer keys also keep the index of each unique layer stable under resharding.
+        """
+        return super().sharded_state_dict(prefix, sharded_offsets,
+                                          {**(metadata or {}), "non_homogeneous_layers": True})
+
     # ----------------------------------------------------------------------------------------------------------
     def forward(self, hidden_states: Tensor | WrappedTensor, attention_mask: Tensor | None = None,
                 context: Tensor | None = None, context_mask: Tensor | None = None,
