@@ -1,0 +1,1 @@
+"""mor_megatron: Mixture-of-Recursions language models on megatron-core."""
