@@ -551,6 +551,9 @@ def validate(config: JobConfig, world_size: int | None = None) -> None:
              f"model.ffn_hidden_size={model.ffn_hidden_size} is not divisible by parallel.tensor_parallel_size={tp}")
     _require(config.seq_length <= model.max_seq_length,
              f"train.seq_length={config.seq_length} exceeds model.max_seq_length={model.max_seq_length}")
+    _require(config.optim.warmup_steps < train.train_steps,
+             f"optim.warmup_steps={config.optim.warmup_steps} must be smaller than train.train_steps="
+             f"{train.train_steps}")
     if rec.routing == "expert_choice":
         smallest = min(rec.effective_capacities)
         _require(int(smallest * config.seq_length) >= 1,
