@@ -163,7 +163,8 @@ class Trainer:
 
     def _mean_over_dp(self, losses: list[dict]) -> float:
         """Mean micro-batch LM loss, averaged over data-parallel ranks; identical on every rank."""
-        local = torch.tensor([sum(float(d["lm_loss"]) for d in losses), float(len(losses))], dtype=torch.float64)
+        local = torch.tensor([sum(float(d["lm_loss"]) for d in losses), float(len(losses))], dtype=torch.float64,
+                             device=self.ctx.device)
         # Only the last pipeline stage holds losses; summing over the whole world counts each DP replica once.
         dist.all_reduce(local)
         return float(local[0] / local[1]) if local[1] > 0 else math.nan
@@ -194,7 +195,7 @@ class Trainer:
         while self.loop.step < tcfg.train_steps:
             start = time.perf_counter()
             step_metrics = self.train_step(iterator)
-            elapsed = _max_over_world(time.perf_counter() - start)  # one step time for the whole job
+            elapsed = _max_over_world(time.perf_counter() - start, self.ctx.device)  # one step time for the whole job
             self.loop.step += 1
             self.loop.consumed_samples += tcfg.global_batch_size
             self.loop.train_time_s += elapsed
@@ -241,7 +242,7 @@ class Trainer:
         if not stats:
             return {}
         keys = sorted(stats)
-        tensor = torch.tensor([stats[k] for k in keys], dtype=torch.float64)
+        tensor = torch.tensor([stats[k] for k in keys], dtype=torch.float64, device=self.ctx.device)
         group = parallel_state.get_data_parallel_group()
         dist.all_reduce(tensor, group=group)
         tensor /= dist.get_world_size(group)
@@ -262,8 +263,8 @@ class Trainer:
             self.sink = None
 
 
-def _max_over_world(value: float) -> float:
-    tensor = torch.tensor([value], dtype=torch.float64)
+def _max_over_world(value: float, device: torch.device) -> float:
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return float(tensor[0])
 
