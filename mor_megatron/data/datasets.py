@@ -1,0 +1,284 @@
+"""megatron-core GPT datasets from ``data.blend``, checks that run before any worker, and a resumable loader.
+
+``check_data`` is cheap (no torch, no megatron-core import): run it with the config before starting
+workers. ``build_gpt_datasets`` goes through megatron-core's ``BlendedMegatronDatasetBuilder``, which is
+distributed-aware when a process group exists (rank 0 writes the index caches first) and builds plainly
+when none does. ``build_data_loader`` walks global sample indices from ``consumed_samples`` on, sharded
+by data-parallel rank, so a resumed run sees exactly the samples an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import struct
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mor_megatron.config import ConfigError, DataConfig, TrainConfig
+from mor_megatron.data.preprocess import read_meta
+from mor_megatron.data.tokenizer import file_sha256, resolve_tokenizer_model, tokenizer_vocab_size
+
+if TYPE_CHECKING:
+    import torch.utils.data
+
+_INDEX_HEADER = b"MMIDIDX\x00\x00"
+"""First bytes of a megatron-core .idx file (``indexed_dataset._INDEX_HEADER``)."""
+_HEADER_BYTES = 34
+"""Magic (9) + version (8) + dtype code (1) + sequence count (8) + document count (8), little-endian."""
+
+
+def parse_blend(blend: Sequence[str]) -> tuple[list[str], list[float] | None]:
+    """``data.blend`` -> (prefixes, weights or None), as megatron-core's ``GPTDatasetConfig.blend`` wants.
+
+    Either all prefixes (``["a", "b"]``: weighted by size) or weight/prefix pairs
+    (``["0.7", "a", "0.3", "b"]``); raises ``ConfigError`` for a mix, odd pairs or non-positive weights.
+    """
+    items = [str(item) for item in blend]
+    if not items:
+        return [], None
+    if not _is_number(items[0]):
+        numeric = [item for item in items if _is_number(item)]
+        if numeric:
+            raise ConfigError(f"data.blend mixes prefixes and weights ({numeric} look like weights); use "
+                              "either prefixes only or weight/prefix pairs like ['0.7', 'a', '0.3', 'b']")
+        return items, None
+    if len(items) % 2:
+        raise ConfigError(f"data.blend={items} has an odd number of entries; weighted blends are "
+                          "weight/prefix pairs like ['0.7', 'a', '0.3', 'b']")
+    weights, prefixes = items[0::2], items[1::2]
+    for weight, prefix in zip(weights, prefixes):
+        if not _is_number(weight) or float(weight) <= 0:
+            raise ConfigError(f"data.blend weight {weight!r} (for prefix {prefix!r}) must be a number > 0")
+        if _is_number(prefix):
+            raise ConfigError(f"data.blend entry {prefix!r} sits where a prefix belongs; weighted blends "
+                              "are weight/prefix pairs like ['0.7', 'a', '0.3', 'b']")
+    return prefixes, [float(w) for w in weights]
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def split_document_counts(num_documents: int, split: str) -> list[int | None]:
+    """Documents of a prefix that land in (train, valid, test) under ``split``; None for a weight-0 split.
+
+    Mirrors megatron-core (``parse_and_normalize_split``, ``convert_split_vector_to_split_matrix`` and
+    the rounding in ``BlendedMegatronDatasetBuilder._build_megatron_dataset_splits``) without importing it.
+    """
+    weights = [float(part) for part in re.findall(r"[.0-9]+", split)]
+    weights += [0.0] * (3 - len(weights))
+    total = sum(weights)
+    bounds = [0.0]
+    for weight in weights:
+        bounds.append(bounds[-1] + weight / total)
+    return [None if end <= begin else int(round(end * num_documents)) - int(round(begin * num_documents))
+            for begin, end in zip(bounds[:-1], bounds[1:])]
+
+
+def _check_split_documents(prefix: str, split: str) -> None:
+    """Raise if a split with weight > 0 gets no document: megatron-core's GPTDataset loops forever on it."""
+    with open(prefix + ".idx", "rb") as stream:
+        header = stream.read(_HEADER_BYTES)
+    num_documents = struct.unpack("<Q", header[18:26])[0]  # sequence count: one sequence per document
+    for name, count in zip(("train", "valid", "test"), split_document_counts(num_documents, split)):
+        if count == 0:
+            raise ConfigError(f"data.split={split!r} gives the {name} split 0 of the {num_documents} "
+                              f"documents in {prefix!r}; give it a weight of 0 (e.g. '98,2,0'), a larger "
+                              "share, or use more documents")
+
+
+def num_samples_for(train: TrainConfig) -> tuple[int, int, int]:
+    """(train, valid, test) sample counts for a run, as Megatron-LM sizes them.
+
+    train: every step's global batch; valid: ``eval_steps`` global batches at each of the
+    ``train_steps // eval_interval + 1`` evaluations; test: one evaluation.
+    """
+    global_batch = train.global_batch_size
+    evals = train.train_steps // train.eval_interval + 1
+    return (train.train_steps * global_batch, evals * train.eval_steps * global_batch,
+            train.eval_steps * global_batch)
+
+
+def check_data(data: DataConfig, vocab_size: int) -> None:
+    """Validate the data section against the model's ``vocab_size``; raises ``ConfigError`` naming the fix.
+
+    Checks: a tokenizer is set, exists and has at most ``vocab_size`` pieces; ``data.blend`` parses and
+    names at least one prefix; each prefix has its ``.bin`` and a valid ``.idx``; a prefix tokenized by
+    ``mor-data preprocess`` was tokenized with this same tokenizer (SHA-256 in ``<prefix>.meta.json``).
+    """
+    if data.tokenizer is None:
+        raise ConfigError("data.tokenizer is not set; train one with `mor-data tokenizer --input CORPUS "
+                          "--output-dir DIR --vocab-size N` and set data.tokenizer=DIR/tokenizer.model")
+    try:
+        model_path = resolve_tokenizer_model(data.tokenizer)
+        tokenizer_vocab = tokenizer_vocab_size(model_path)
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(f"data.tokenizer={data.tokenizer!r}: {err}") from err
+    if tokenizer_vocab > vocab_size:
+        raise ConfigError(f"data.tokenizer={data.tokenizer!r} has {tokenizer_vocab} pieces but "
+                          f"model.vocab_size={vocab_size}; set model.vocab_size >= {tokenizer_vocab} or "
+                          f"train a tokenizer with `mor-data tokenizer --vocab-size {vocab_size}` (then "
+                          "re-run preprocess)")
+    prefixes, _ = parse_blend(data.blend)
+    if not prefixes:
+        raise ConfigError("data.blend is empty; make a dataset with `mor-data preprocess --input FILES "
+                          f"--tokenizer {model_path} --output-prefix PREFIX` and set data.blend=[PREFIX]")
+    if sum(float(part) for part in data.split.split(",")) <= 0:
+        raise ConfigError(f"data.split={data.split!r} gives every split weight 0; use e.g. '969,30,1'")
+    tokenizer_sha = file_sha256(model_path)
+    for prefix in prefixes:
+        _check_prefix(prefix, model_path, tokenizer_sha)
+        _check_split_documents(prefix, data.split)
+
+
+def _check_prefix(prefix: str, model_path: Path, tokenizer_sha: str) -> None:
+    make = (f"make them with `mor-data preprocess --input FILES --tokenizer {model_path} "
+            f"--output-prefix {prefix}`")
+    missing = [path for path in (prefix + ".bin", prefix + ".idx") if not Path(path).is_file()]
+    if missing:
+        raise ConfigError(f"data.blend prefix {prefix!r}: {' and '.join(missing)} not found; {make}")
+    with open(prefix + ".idx", "rb") as stream:
+        header = stream.read(_HEADER_BYTES)
+    if len(header) < _HEADER_BYTES or not header.startswith(_INDEX_HEADER):
+        raise ConfigError(f"data.blend prefix {prefix!r}: {prefix}.idx is not a megatron-core index file; "
+                          f"{make}")
+    try:
+        meta = read_meta(prefix)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"data.blend prefix {prefix!r}: unreadable {prefix}.meta.json ({err}); "
+                          f"{make}") from err
+    if meta is not None and meta.get("tokenizer_sha256") != tokenizer_sha:
+        raise ConfigError(f"data.blend prefix {prefix!r} was tokenized with {meta.get('tokenizer')!r} "
+                          f"({meta.get('vocab_size')} pieces), not data.tokenizer={str(model_path)!r}; "
+                          f"point data.tokenizer at that model, or re-tokenize: {make}")
+
+
+def build_gpt_datasets(data: DataConfig, *, seq_length: int, num_samples: tuple[int, int, int],
+                       tokenizer: Any, is_built_on_rank: Callable[[], bool] | None = None,
+                       create_attention_mask: bool = False) -> tuple[Any, Any, Any]:
+    """(train, valid, test) megatron-core datasets for ``data.blend`` split by ``data.split``.
+
+    ``tokenizer``: megatron-core's tokenizer (:func:`mor_megatron.data.tokenizer.load_tokenizer`); its
+    ``eod`` ends documents and its ``pad`` pads. ``num_samples``: minimum samples per split (see
+    :func:`num_samples_for`). ``is_built_on_rank``: with a process group, which ranks build datasets (the
+    others get None; it must hold on global rank 0); ignored without one. Index caches go to
+    ``data.cache_dir`` (megatron-core's default: ``<prefix>/cache/``). A split with weight 0 is None.
+
+    Each sample is a dict of ``tokens`` [s] int64, ``labels`` [s] int64, ``loss_mask`` [s] float,
+    ``position_ids`` [s] int64 (+ ``attention_mask`` [1, s, s] bool, True = masked, when
+    ``create_attention_mask``; models with a causal mask type do not need it). Blends add ``dataset_id``.
+    """
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+    prefixes, weights = parse_blend(data.blend)
+    if not prefixes:
+        raise ConfigError("data.blend is empty; set it to the prefixes written by `mor-data preprocess`")
+    if len(num_samples) != 3 or any(not isinstance(n, int) or n < 0 for n in num_samples):
+        raise ValueError(f"num_samples must be three integers >= 0 (train, valid, test), got {num_samples!r}")
+    if seq_length < 1:
+        raise ValueError(f"seq_length must be >= 1, got {seq_length}")
+    for prefix in prefixes:
+        _check_split_documents(prefix, data.split)
+    config = GPTDatasetConfig(
+        random_seed=data.seed, sequence_length=seq_length, blend=(prefixes, weights), split=data.split,
+        tokenizer=tokenizer, path_to_cache=data.cache_dir, reset_position_ids=False,
+        reset_attention_mask=False, eod_mask_loss=False, create_attention_mask=create_attention_mask)
+    builder = _builder_class()(GPTDataset, list(num_samples), is_built_on_rank or (lambda: True), config)
+    train, valid, test = builder.build()
+    return train, valid, test
+
+
+def _builder_class() -> type:
+    """megatron-core's builder, patched so weighted blends build without a process group.
+
+    megatron-core 0.16.1 ``BlendedDataset._build_indices`` calls ``torch.distributed.get_rank()`` on a
+    cache miss whenever ``path_to_cache`` is set, which raises without a process group (``GPTDataset``
+    checks ``is_initialized()`` first). Without one, the blend's own (cheap) indices are simply not cached.
+    """
+    import torch.distributed
+    from megatron.core.datasets.blended_dataset import BlendedDataset
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+
+    class _Builder(BlendedMegatronDatasetBuilder):
+        @staticmethod
+        def build_generic_dataset(cls: Any, is_built_on_rank: Callable[[], bool], synchronize_ranks: bool,
+                                  *args: Any) -> Any:
+            """megatron-core's ``build_generic_dataset``; no blend cache without a process group."""
+            if cls is BlendedDataset and not torch.distributed.is_initialized():
+                *head, config = args
+                config = copy.copy(config)
+                config.path_to_cache = None
+                args = (*head, config)
+            return BlendedMegatronDatasetBuilder.build_generic_dataset(
+                cls, is_built_on_rank, synchronize_ranks, *args)
+
+    return _Builder
+
+
+class PretrainingSampler:
+    """Batch sampler: this data-parallel rank's micro-batches of global sample indices, from a resume point.
+
+    Global indices ``consumed_samples, consumed_samples + 1, ...`` are cut into windows of
+    ``micro_batch_size * data_parallel_size``; rank ``r`` takes slice ``[r * mbs, (r + 1) * mbs)`` of each
+    window (Megatron-LM's ``MegatronPretrainingSampler``, which megatron-core does not ship). A trailing
+    partial window is dropped, so every rank yields the same number of micro-batches. ``consumed_samples``
+    counts samples over all ranks (global batches x steps), which makes it the whole resume state.
+    """
+
+    def __init__(self, *, total_samples: int, consumed_samples: int, micro_batch_size: int,
+                 data_parallel_rank: int, data_parallel_size: int) -> None:
+        if total_samples <= 0:
+            raise ValueError(f"total_samples must be > 0 (an empty dataset?), got {total_samples}")
+        if micro_batch_size < 1 or data_parallel_size < 1:
+            raise ValueError(f"micro_batch_size ({micro_batch_size}) and data_parallel_size "
+                             f"({data_parallel_size}) must be >= 1")
+        if not 0 <= data_parallel_rank < data_parallel_size:
+            raise ValueError(f"data_parallel_rank={data_parallel_rank} is outside [0, {data_parallel_size})")
+        if not 0 <= consumed_samples < total_samples:
+            raise ValueError(f"consumed_samples={consumed_samples} is outside the dataset's "
+                             f"[0, {total_samples}) samples; the datasets were built for fewer samples than "
+                             "the run has consumed (raise train.train_steps, or resume with the config the "
+                             "checkpoint was made with)")
+        self.total_samples = total_samples
+        self.consumed_samples = consumed_samples
+        self.micro_batch_size = micro_batch_size
+        self.data_parallel_rank = data_parallel_rank
+        self.data_parallel_size = data_parallel_size
+
+    @property
+    def _window(self) -> int:
+        return self.micro_batch_size * self.data_parallel_size
+
+    def __len__(self) -> int:
+        """Micro-batches this rank still yields."""
+        return (self.total_samples - self.consumed_samples) // self._window
+
+    def __iter__(self) -> Iterator[list[int]]:
+        start = self.consumed_samples + self.data_parallel_rank * self.micro_batch_size
+        for window in range(len(self)):
+            first = start + window * self._window
+            yield list(range(first, first + self.micro_batch_size))
+
+
+def build_data_loader(dataset: Any, *, micro_batch_size: int, data_parallel_rank: int,
+                      data_parallel_size: int, consumed_samples: int = 0, num_workers: int = 0,
+                      pin_memory: bool = False) -> torch.utils.data.DataLoader:
+    """A DataLoader over ``dataset`` yielding this rank's micro-batches from ``consumed_samples`` on.
+
+    Batches are dicts of stacked tensors (``tokens`` [b, s], ...). Resume: rebuild the datasets with the
+    same config (same seed, same ``num_samples``), then pass the checkpoint's ``consumed_samples``.
+    ``num_workers`` (``data.num_workers``) > 0 loads in background processes.
+    """
+    import torch.utils.data
+
+    sampler = PretrainingSampler(total_samples=len(dataset), consumed_samples=consumed_samples,
+                                 micro_batch_size=micro_batch_size, data_parallel_rank=data_parallel_rank,
+                                 data_parallel_size=data_parallel_size)
+    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
+                                       pin_memory=pin_memory, persistent_workers=num_workers > 0)

@@ -1,0 +1,157 @@
+"""Train a SentencePiece BPE tokenizer and load it as megatron-core's tokenizer object.
+
+Layout on disk (what ``data.tokenizer`` points at): ``DIR/tokenizer.model`` plus megatron-core's
+``DIR/tokenizer_metadata.json``. Special ids are fixed: unk 0, bos 1, eos 2 (the end-of-document token
+``tokenizer.eod`` that preprocessing appends), pad 3, so the pad id never collides with EOD in GPTDataset.
+
+Training keeps whitespace and newlines verbatim (identity normalization, no whitespace folding), so code
+indentation survives a tokenize/detokenize round trip, and uses byte fallback, so no text maps to unk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from mor_megatron.data.readers import TextUnit, iter_documents, resolve_inputs
+
+if TYPE_CHECKING:
+    from megatron.core.tokenizers import MegatronTokenizerBase
+
+TOKENIZER_MODEL_NAME = "tokenizer.model"
+METADATA_NAME = "tokenizer_metadata.json"
+UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
+NUM_BYTE_PIECES = 256
+
+
+def resolve_tokenizer_model(path: str | Path) -> Path:
+    """``path`` if it is a file, else ``path/tokenizer.model``; ``FileNotFoundError`` if that is absent."""
+    path = Path(path)
+    model = path / TOKENIZER_MODEL_NAME if path.is_dir() else path
+    if not model.is_file():
+        raise FileNotFoundError(f"tokenizer model {str(model)!r} does not exist; train one with "
+                                f"`mor-data tokenizer --input CORPUS --output-dir {model.parent}`")
+    return model
+
+
+def tokenizer_vocab_size(path: str | Path) -> int:
+    """Vocabulary size of a SentencePiece model, read without importing megatron-core or torch."""
+    import sentencepiece
+
+    model = resolve_tokenizer_model(path)
+    processor = sentencepiece.SentencePieceProcessor()
+    try:
+        processor.Load(str(model))
+    except (OSError, RuntimeError) as err:
+        raise ValueError(f"{str(model)!r} is not a SentencePiece model: {err}") from err
+    return processor.get_piece_size()
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file (identifies the tokenizer a dataset was built with)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as stream:
+        while chunk := stream.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _training_sentences(documents: Iterable[str], chunk_chars: int) -> Iterator[str]:
+    """Cut documents into line-aligned chunks of about ``chunk_chars`` characters.
+
+    SentencePiece trains on "sentences" and samples ``input_sentence_size`` of them; whole files would be
+    too coarse to sample and could exceed its sentence length limit. Lines keep their newline, so
+    newline-bearing pieces are learned; a single over-long line is hard-split.
+    """
+    for text in documents:
+        buffer: list[str] = []
+        size = 0
+        for line in text.splitlines(keepends=True):
+            while len(line) > chunk_chars:
+                yield line[:chunk_chars]
+                line = line[chunk_chars:]
+            buffer.append(line)
+            size += len(line)
+            if size >= chunk_chars:
+                yield "".join(buffer)
+                buffer, size = [], 0
+        tail = "".join(buffer)
+        if tail.strip():
+            yield tail
+
+
+def train_tokenizer(inputs: Sequence[str | Path], output_dir: str | Path, *, vocab_size: int,
+                    json_key: str = "text", text_unit: TextUnit = "file", input_sentence_size: int = 200_000,
+                    num_threads: int | None = None, byte_fallback: bool = True,
+                    character_coverage: float = 0.9999, chunk_chars: int = 2048,
+                    overwrite: bool = False) -> Path:
+    """Train a SentencePiece BPE model on jsonl/parquet/text ``inputs`` and write it with its metadata.
+
+    ``input_sentence_size`` caps how many ~``chunk_chars`` chunks SentencePiece samples (its training time
+    and memory grow with it); ``num_threads`` defaults to all cores. Training is deterministic for the
+    same inputs and arguments. Returns the path of ``output_dir/tokenizer.model``.
+
+    Raises ``FileExistsError`` when the model exists and ``overwrite`` is false, and ``ValueError`` for a
+    vocabulary size SentencePiece cannot meet on this corpus (its message says which bound applies).
+    """
+    import sentencepiece
+
+    reserved = 4 + (NUM_BYTE_PIECES if byte_fallback else 0)
+    if vocab_size <= reserved:
+        raise ValueError(f"vocab_size={vocab_size} is too small: it must exceed the {reserved} reserved "
+                         f"pieces (4 special{' + 256 byte-fallback' if byte_fallback else ''})")
+    files = resolve_inputs(inputs, json_key=json_key)
+    output_dir = Path(output_dir)
+    model_path = output_dir / TOKENIZER_MODEL_NAME
+    if model_path.exists() and not overwrite:
+        raise FileExistsError(f"{str(model_path)!r} already exists; pass --overwrite (overwrite=True) to "
+                              "replace it, and re-run preprocessing afterwards: old .bin/.idx files hold the "
+                              "old ids")
+    writer = io.BytesIO()
+    documents = iter_documents(files, json_key=json_key, text_unit=text_unit)
+    sentences = _training_sentences(documents, chunk_chars)
+    try:
+        sentencepiece.SentencePieceTrainer.train(
+            sentence_iterator=sentences, model_writer=writer, vocab_size=vocab_size, model_type="bpe",
+            character_coverage=character_coverage, byte_fallback=byte_fallback,
+            normalization_rule_name="identity", remove_extra_whitespaces=False,
+            allow_whitespace_only_pieces=True, split_digits=True,
+            unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID,
+            input_sentence_size=input_sentence_size, shuffle_input_sentence=True,
+            # Bytes: a chunk holds < 2 * chunk_chars characters of <= 4 UTF-8 bytes, so none is dropped.
+            max_sentence_length=8 * chunk_chars,
+            num_threads=num_threads or os.cpu_count() or 1, minloglevel=2)
+    except RuntimeError as err:
+        raise ValueError(f"SentencePiece training failed for vocab_size={vocab_size}: {err}") from err
+    output_dir.mkdir(parents=True, exist_ok=True)
+    tmp = model_path.with_name(model_path.name + ".tmp")
+    tmp.write_bytes(writer.getvalue())
+    os.replace(tmp, model_path)
+    _write_metadata(model_path)
+    return model_path
+
+
+def _write_metadata(model_path: Path) -> None:
+    from megatron.core.tokenizers import MegatronTokenizer
+
+    MegatronTokenizer.write_metadata(tokenizer_path=str(model_path), tokenizer_library="sentencepiece",
+                                     model_type="gpt", overwrite=True)
+
+
+def load_tokenizer(path: str | Path) -> MegatronTokenizerBase:
+    """megatron-core's tokenizer (a ``GPTTokenizer``) for a SentencePiece model file or its directory.
+
+    Writes ``tokenizer_metadata.json`` beside the model when it is missing, so a SentencePiece model
+    trained elsewhere loads too. The object has ``tokenize``, ``detokenize``, ``vocab_size``, ``eod``,
+    ``pad``.
+    """
+    from megatron.core.tokenizers import MegatronTokenizer
+
+    model_path = resolve_tokenizer_model(path)
+    if not (model_path.parent / METADATA_NAME).is_file():
+        _write_metadata(model_path)
+    return MegatronTokenizer.from_pretrained(tokenizer_path=str(model_path))

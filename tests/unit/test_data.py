@@ -1,0 +1,324 @@
+"""Data pipeline: embedded corpus, SentencePiece tokenizer, .bin/.idx preprocessing, megatron-core GPT
+datasets, the resumable data-parallel sampler, the pre-flight checks and the ``mor-data`` command."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mor_megatron.cli.data import main as mor_data
+from mor_megatron.config import ConfigError, DataConfig, TrainConfig
+from mor_megatron.data.corpus import stdlib_source_files, write_stdlib_corpus
+from mor_megatron.data.datasets import (PretrainingSampler, build_data_loader, build_gpt_datasets, check_data,
+                                        num_samples_for, parse_blend, split_document_counts)
+from mor_megatron.data.preprocess import meta_path, preprocess, read_meta
+from mor_megatron.data.tokenizer import (EOS_ID, PAD_ID, load_tokenizer, tokenizer_vocab_size,
+                                         train_tokenizer)
+
+VOCAB = 300
+CODE = 'def f(x):\n    """Doc."""\n\n    return x  +  1\n'
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture(scope="module")
+def corpus(workdir) -> Path:
+    return write_stdlib_corpus(workdir / "corpus.jsonl", max_mb=0.25).path
+
+
+@pytest.fixture(scope="module")
+def tokenizer_model(workdir, corpus) -> Path:
+    return train_tokenizer([corpus], workdir / "tok", vocab_size=VOCAB, byte_fallback=False, num_threads=1)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tokenizer_model):
+    return load_tokenizer(tokenizer_model)
+
+
+@pytest.fixture(scope="module")
+def prefix(workdir, corpus, tokenizer_model) -> str:
+    return preprocess([corpus], workdir / "stdlib", tokenizer=tokenizer_model, progress=False).prefix
+
+
+def _corpus_texts(path: Path) -> list[str]:
+    return [json.loads(line)["text"] for line in path.read_text().splitlines()]
+
+
+def _data_config(prefix: str, tokenizer_model: Path, tmp_path: Path, **kwargs) -> DataConfig:
+    values = dict(blend=(prefix,), split="8,1,1", tokenizer=str(tokenizer_model),
+                  cache_dir=str(tmp_path / "cache"))
+    values.update(kwargs)
+    return DataConfig(**values)
+
+
+# ---------------------------------------------------------------------------------------------------- corpus
+
+def test_corpus_is_deterministic_capped_and_skips_tests(tmp_path, corpus):
+    again = write_stdlib_corpus(tmp_path / "again.jsonl", max_mb=0.25)
+    assert again.path.read_bytes() == corpus.read_bytes()
+    records = [json.loads(line) for line in corpus.read_text().splitlines()]
+    assert again.num_documents == len(records) > 5
+    assert again.num_bytes == sum(len(r["text"].encode()) for r in records) <= 0.25 * 2**20
+    assert all(r["text"].strip() for r in records)
+    parts = [set(Path(r["path"]).parts) for r in records]
+    assert not any(p & {"test", "tests", "site-packages", "encodings"} for p in parts)
+
+
+def test_corpus_skips_binary_huge_and_non_utf8_files(tmp_path):
+    root = tmp_path / "lib"
+    (root / "pkg" / "tests").mkdir(parents=True)
+    (root / "site-packages").mkdir()
+    (root / "good.py").write_text('"""A module."""\nX = 1\n')
+    (root / "pkg" / "mod.py").write_text("def g():\n    return 2\n")
+    (root / "pkg" / "tests" / "test_mod.py").write_text("assert True\n")
+    (root / "site-packages" / "third.py").write_text("Y = 3\n")
+    (root / "binary.py").write_bytes(b"X = 1\0\0")
+    (root / "latin1.py").write_bytes("# caf\xe9\n".encode("latin-1"))
+    (root / "huge.py").write_text("# " + "x" * 3000 + "\n")
+    assert {p.as_posix() for p in stdlib_source_files(root)} == {
+        "good.py", "pkg/mod.py", "binary.py", "latin1.py", "huge.py"}
+    stats = write_stdlib_corpus(tmp_path / "c.jsonl", max_mb=1, max_file_kb=2, root=root)
+    paths = sorted(json.loads(line)["path"] for line in stats.path.read_text().splitlines())
+    assert paths == ["good.py", "pkg/mod.py"]
+
+
+# ------------------------------------------------------------------------------------------------- tokenizer
+
+def test_tokenizer_files_ids_and_whitespace_round_trip(tokenizer_model, tokenizer):
+    assert tokenizer_model.name == "tokenizer.model"
+    metadata = json.loads((tokenizer_model.parent / "tokenizer_metadata.json").read_text())
+    assert metadata["library"] == "sentencepiece" and metadata["model_type"] == "gpt"
+    assert type(tokenizer).__name__ == "GPTTokenizer"
+    assert tokenizer.vocab_size == tokenizer_vocab_size(tokenizer_model) == VOCAB
+    assert (tokenizer.eod, tokenizer.pad) == (EOS_ID, PAD_ID)
+    ids = tokenizer.tokenize(CODE)
+    assert max(ids) < VOCAB and tokenizer.detokenize(ids) == CODE  # indentation and double spaces survive
+
+
+def test_tokenizer_training_is_deterministic_and_guards_overwrite(tmp_path, corpus, tokenizer_model):
+    model = train_tokenizer([corpus], tmp_path, vocab_size=VOCAB, byte_fallback=False, num_threads=1)
+    assert model.read_bytes() == tokenizer_model.read_bytes()
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        train_tokenizer([corpus], tmp_path, vocab_size=VOCAB, byte_fallback=False)
+    with pytest.raises(ValueError, match="vocab_size=200 is too small"):
+        train_tokenizer([corpus], tmp_path / "small", vocab_size=200)
+
+
+def test_load_tokenizer_writes_missing_metadata(tmp_path, tokenizer_model):
+    copy = tmp_path / "tokenizer.model"
+    copy.write_bytes(tokenizer_model.read_bytes())
+    assert load_tokenizer(tmp_path).vocab_size == VOCAB
+    assert (tmp_path / "tokenizer_metadata.json").is_file()
+    with pytest.raises(FileNotFoundError, match="mor-data tokenizer"):
+        load_tokenizer(tmp_path / "missing")
+
+
+# ------------------------------------------------------------------------------------------------ preprocess
+
+def test_preprocess_jsonl_txt_parquet_matches_tokenizer(tmp_path, tokenizer_model, tokenizer):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    jsonl = tmp_path / "a.jsonl"
+    jsonl.write_text(json.dumps({"body": CODE}) + "\n\n" + json.dumps({"body": ""}) + "\n"
+                     + json.dumps({"body": "import os\n"}) + "\n")
+    txt = tmp_path / "b.txt"
+    txt.write_text("first line\n\nsecond  line\n")
+    parquet = tmp_path / "c.parquet"
+    pq.write_table(pa.table({"body": ["x = [1, 2]\n", "print(x)\n"]}), parquet)
+
+    stats = preprocess([jsonl, txt, parquet], tmp_path / "out", tokenizer=tokenizer_model, json_key="body",
+                       text_unit="line", workers=2, progress=False)
+    expected = [CODE, "import os\n", "first line", "second  line", "x = [1, 2]\n", "print(x)\n"]
+    dataset = IndexedDataset(str(tmp_path / "out"))
+    assert len(dataset) == stats.num_documents == len(expected) and stats.num_empty_skipped == 1
+    for i, text in enumerate(expected):
+        np.testing.assert_array_equal(dataset[i], tokenizer.tokenize(text) + [tokenizer.eod])
+    assert dataset[0].dtype == np.uint16  # DType.optimal_dtype for a small vocabulary
+    assert stats.num_tokens == sum(len(dataset[i]) for i in range(len(dataset)))
+    assert not list(tmp_path.glob("*.tmp*"))
+
+    single = preprocess([jsonl, txt, parquet], tmp_path / "single", tokenizer=tokenizer_model,
+                        json_key="body", text_unit="line", workers=1, progress=False)
+    for suffix in (".bin", ".idx"):
+        assert Path(single.prefix + suffix).read_bytes() == (tmp_path / f"out{suffix}").read_bytes()
+
+
+def test_preprocess_rejects_bad_input_before_workers(tmp_path, tokenizer_model, corpus):
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        preprocess([tmp_path / "nope.jsonl"], tmp_path / "x", tokenizer=tokenizer_model, progress=False)
+    (tmp_path / "data.csv").write_text("a,b\n")
+    with pytest.raises(ValueError, match="unsupported extension '.csv'"):
+        preprocess([tmp_path / "data.csv"], tmp_path / "x", tokenizer=tokenizer_model, progress=False)
+    with pytest.raises(FileNotFoundError, match="mor-data tokenizer"):
+        preprocess([corpus], tmp_path / "x", tokenizer=tmp_path / "no_tokenizer", progress=False)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"content": "no text field"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: .*'text'"):
+        preprocess([bad], tmp_path / "x", tokenizer=tokenizer_model, progress=False)
+    assert not list(tmp_path.glob("x*"))
+
+
+# ---------------------------------------------------------------------------------------------- GPT datasets
+
+def test_gpt_datasets_split_without_process_group(tmp_path, prefix, tokenizer_model, tokenizer):
+    assert not torch.distributed.is_initialized()
+    data = _data_config(prefix, tokenizer_model, tmp_path)
+    train, valid, test = build_gpt_datasets(data, seq_length=32, num_samples=(40, 8, 4), tokenizer=tokenizer)
+    assert len(train) >= 40 and len(valid) >= 8 and len(test) >= 4
+    sample = train[0]
+    assert sample["tokens"].shape == sample["labels"].shape == sample["loss_mask"].shape == (32,)
+    assert "attention_mask" not in sample
+    torch.testing.assert_close(sample["tokens"][1:], sample["labels"][:-1])
+    assert int(sample["tokens"].max()) < VOCAB
+    _, _, none_test = build_gpt_datasets(_data_config(prefix, tokenizer_model, tmp_path, split="9,1,0"),
+                                         seq_length=32, num_samples=(40, 8, 4), tokenizer=tokenizer)
+    assert none_test is None
+
+
+def test_weighted_blend_builds_blended_dataset(tmp_path, prefix, tokenizer_model, tokenizer):
+    data = _data_config(prefix, tokenizer_model, tmp_path, blend=("0.7", prefix, "0.3", prefix))
+    train, _, _ = build_gpt_datasets(data, seq_length=16, num_samples=(50, 4, 4), tokenizer=tokenizer,
+                                     create_attention_mask=True)
+    assert type(train).__name__ == "BlendedDataset" and len(train) == 50
+    sample = train[3]
+    assert int(sample["dataset_id"]) in (0, 1) and sample["attention_mask"].shape == (1, 16, 16)
+
+
+def test_split_document_counts_match_megatron():
+    from megatron.core.datasets.blended_megatron_dataset_config import (convert_split_vector_to_split_matrix,
+                                                                        parse_and_normalize_split)
+
+    for split in ("969,30,1", "98,1,1", "1,0,0", "0,1,0", "3,3,3", "0.5,0.25,0.25", "99,1"):
+        for num_documents in (1, 7, 408, 1000):
+            matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
+            expected = [None if b is None else round(b[1] * num_documents) - round(b[0] * num_documents)
+                        for b in matrix]
+            assert split_document_counts(num_documents, split) == expected, (split, num_documents)
+
+
+def test_num_samples_for_sizes_like_megatron():
+    train = TrainConfig(train_steps=100, global_batch_size=8, eval_interval=50, eval_steps=2)
+    assert num_samples_for(train) == (800, 3 * 2 * 8, 16)
+
+
+# --------------------------------------------------------------------------------------------------- sampler
+
+def _indices(consumed: int, rank: int, dp: int, total: int = 50, mbs: int = 2) -> list[list[int]]:
+    return list(PretrainingSampler(total_samples=total, consumed_samples=consumed, micro_batch_size=mbs,
+                                   data_parallel_rank=rank, data_parallel_size=dp))
+
+
+def test_sampler_shards_by_rank_and_resumes_exactly():
+    ranks = [_indices(0, rank, 3) for rank in range(3)]
+    assert len(ranks[0]) == 50 // 6 == len(PretrainingSampler(total_samples=50, consumed_samples=0,
+                                                              micro_batch_size=2, data_parallel_rank=0,
+                                                              data_parallel_size=3))
+    window = sorted(i for rank in ranks for i in rank[0])
+    assert window == list(range(6))  # the first global micro-batch window, split across ranks
+    all_indices = [i for rank in ranks for batch in rank for i in batch]
+    assert len(all_indices) == len(set(all_indices)) == 48  # disjoint; the trailing partial window is dropped
+    for rank in range(3):
+        assert _indices(12, rank, 3) == ranks[rank][2:]  # resume after 2 windows = the same suffix
+    with pytest.raises(ValueError, match="consumed_samples=50"):
+        _indices(50, 0, 3)
+    with pytest.raises(ValueError, match="data_parallel_rank=3"):
+        _indices(0, 3, 3)
+
+
+def test_data_loader_resume_yields_same_batches(tmp_path, prefix, tokenizer_model, tokenizer):
+    data = _data_config(prefix, tokenizer_model, tmp_path)
+    train, _, _ = build_gpt_datasets(data, seq_length=16, num_samples=(64, 4, 4), tokenizer=tokenizer)
+    kwargs = dict(micro_batch_size=2, data_parallel_rank=1, data_parallel_size=2)
+    fresh = list(build_data_loader(train, **kwargs))
+    resumed = list(build_data_loader(train, consumed_samples=8, **kwargs))
+    assert fresh[0]["tokens"].shape == (2, 16) and len(resumed) == len(fresh) - 2
+    for a, b in zip(fresh[2:], resumed):
+        torch.testing.assert_close(a["tokens"], b["tokens"])
+    torch.testing.assert_close(fresh[0]["tokens"], torch.stack([train[2]["tokens"], train[3]["tokens"]]))
+
+
+# ------------------------------------------------------------------------------------------------ pre-flight
+
+def test_check_data_accepts_good_config(tmp_path, prefix, tokenizer_model):
+    check_data(_data_config(prefix, tokenizer_model, tmp_path), vocab_size=VOCAB)
+
+
+@pytest.mark.parametrize("change, vocab_size, match", [
+    (dict(tokenizer=None), VOCAB, "data.tokenizer is not set"),
+    (dict(tokenizer="/no/such/tokenizer.model"), VOCAB, "does not exist"),
+    ({}, VOCAB - 1, f"has {VOCAB} pieces but model.vocab_size={VOCAB - 1}"),
+    (dict(blend=()), VOCAB, "data.blend is empty"),
+    (dict(blend=("/no/such/prefix",)), VOCAB, r"'/no/such/prefix'.*not found.*mor-data preprocess"),
+    (dict(split="969,30,1"), VOCAB, "gives the test split 0 of the"),
+], ids=["no-tokenizer", "missing-tokenizer", "vocab-mismatch", "empty-blend", "missing-prefix",
+        "empty-split"])
+def test_check_data_errors(tmp_path, prefix, tokenizer_model, change, vocab_size, match):
+    with pytest.raises(ConfigError, match=match):
+        check_data(_data_config(prefix, tokenizer_model, tmp_path, **change), vocab_size=vocab_size)
+
+
+def test_check_data_rejects_dataset_from_another_tokenizer(tmp_path, corpus, prefix, tokenizer_model):
+    other = train_tokenizer([corpus], tmp_path / "other", vocab_size=VOCAB + 20, byte_fallback=False)
+    assert read_meta(prefix)["vocab_size"] == VOCAB
+    with pytest.raises(ConfigError, match="was tokenized with"):
+        check_data(_data_config(prefix, other, tmp_path), vocab_size=1024)
+
+
+@pytest.mark.parametrize("blend, match", [
+    (("0.5", "a", "b"), "odd number"),
+    (("a", "0.5"), "mixes prefixes and weights"),
+    (("0", "a", "1", "b"), "weight '0'"),
+    (("0.5", "0.5", "1", "b"), "sits where a prefix belongs"),
+])
+def test_parse_blend_errors(blend, match):
+    with pytest.raises(ConfigError, match=match):
+        parse_blend(blend)
+
+
+def test_parse_blend_forms():
+    assert parse_blend(("a", "b")) == (["a", "b"], None)
+    assert parse_blend(("30", "a", "70", "b")) == (["a", "b"], [30.0, 70.0])
+
+
+# ------------------------------------------------------------------------------------------------------- CLI
+
+def test_cli_end_to_end(tmp_path, capsys):
+    corpus = tmp_path / "corpus.jsonl"
+    assert mor_data(["corpus", "--output", str(corpus), "--max-mb", "0.1"]) == 0
+    assert mor_data(["tokenizer", "--input", str(corpus), "--output-dir", str(tmp_path / "tok"),
+                     "--vocab-size", "400", "--threads", "1"]) == 0
+    assert mor_data(["preprocess", "--input", str(corpus), "--tokenizer", str(tmp_path / "tok"),
+                     "--output-prefix", str(tmp_path / "ds"), "--workers", "2", "--quiet"]) == 0
+    summaries = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert summaries[1]["vocab_size"] == 400
+    assert summaries[2]["num_documents"] == summaries[0]["documents"] > 0
+    assert meta_path(tmp_path / "ds").is_file()
+    check_data(DataConfig(blend=(str(tmp_path / "ds"),), split="1,0,0",
+                          tokenizer=str(tmp_path / "tok" / "tokenizer.model")), vocab_size=400)
+
+
+def test_cli_bad_input_exits_2(tmp_path, capsys):
+    assert mor_data(["preprocess", "--input", str(tmp_path / "missing.jsonl"), "--tokenizer", str(tmp_path),
+                     "--output-prefix", str(tmp_path / "ds")]) == 2
+    assert "missing.jsonl' does not exist" in capsys.readouterr().err
+
+
+def test_cli_help_and_package_import_load_neither_torch_nor_megatron():
+    code = ("import sys\nimport mor_megatron.data\nfrom mor_megatron.cli.data import main\n"
+            "try:\n    main(['preprocess', '--help'])\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('torch', 'megatron') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[2]).stdout
+    assert "--output-prefix" in out and out.strip().endswith("[]")

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Create .venv and install mor_megatron with its test tools. Idempotent: a second run only checks.
+# torch is pinned to 2.13.0 (pyproject.toml): on the project's machines that is a CPU wheel already on disk,
+# so nothing here downloads a CUDA build. On a GPU cluster install the CUDA wheel of torch 2.13.0 first.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet --upgrade pip
+.venv/bin/python -m pip install --quiet "torch==2.13.0"
+.venv/bin/python -m pip install --quiet -e ".[test]"
+.venv/bin/python -c "import torch, megatron.core, mor_megatron; print('mor_megatron env ready: torch', torch.__version__)"
