@@ -8,9 +8,7 @@ checkpoint of a run on one CPU process and continues the prompt. Each new token 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -51,26 +49,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mor-sample: {run_dir}/config.yaml not found; pass the output_dir of a training run", file=sys.stderr)
         return 2
     config = load_config(run_dir / "config.yaml")
-    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}.items():
-        os.environ.setdefault(key, value)
-    with tempfile.TemporaryDirectory() as rdzv:
-        torch.distributed.init_process_group("gloo", init_method=f"file://{rdzv}/rdzv", world_size=1, rank=0)
-        ctx = init_distributed(ParallelConfig(), seed=config.train.seed)
-        try:
-            model = build_model(config.model, config.recursion,
-                                transformer_config(config.model, config.recursion, ParallelConfig()),
-                                pg_collection=ctx.pg_collection)
-            checkpointer = Checkpointer(save_dir=None, load_dir=config.checkpoint.load_dir or
-                                        config.checkpoint.save_dir, keep_last=1, ctx=ctx)
-            loop = checkpointer.load(model_chunks=[model], optimizer=None, scheduler=None)
-            tokenizer = load_tokenizer(config.data.tokenizer)
-            print(f"# checkpoint step {loop.step}, causal routing, greedy")
-            for prompt in args.prompt:
-                text = generate(model, tokenizer, prompt, max_new_tokens=args.max_new_tokens,
-                                max_seq_length=config.seq_length)
-                print(f"--- prompt: {prompt!r}\n{text}\n")
-        finally:
-            destroy_distributed()
+    ctx = init_distributed(ParallelConfig(), seed=config.train.seed)  # a lone process: no rendezvous needed
+    try:
+        model = build_model(config.model, config.recursion,
+                            transformer_config(config.model, config.recursion, ParallelConfig()),
+                            pg_collection=ctx.pg_collection)
+        checkpointer = Checkpointer(save_dir=None, load_dir=config.checkpoint.load_dir or config.checkpoint.save_dir,
+                                    keep_last=1, ctx=ctx)
+        loop = checkpointer.load(model_chunks=[model], optimizer=None, scheduler=None)
+        tokenizer = load_tokenizer(config.data.tokenizer)
+        print(f"# checkpoint step {loop.step}, causal routing, greedy")
+        for prompt in args.prompt:
+            text = generate(model, tokenizer, prompt, max_new_tokens=args.max_new_tokens,
+                            max_seq_length=config.seq_length)
+            print(f"--- prompt: {prompt!r}\n{text}\n")
+    finally:
+        destroy_distributed()
     return 0
 
 
