@@ -261,7 +261,14 @@ class TrackingConfig:
     run_name: str | None = None
     jsonl_path: str | None = None
     system_metrics: bool = True
+    system_metrics_interval_s: float = 10.0
     timeout_s: float = 5.0
+    """HTTP timeout of one MLflow call; a dead server costs at most this per retry window."""
+    retry_after_s: float = 60.0
+    """After an MLflow failure, calls are dropped (the JSONL copy keeps them) for this long, then retried."""
+    close_timeout_s: float = 30.0
+    peak_tflops: float | None = None
+    """Device peak TFLOP/s for MFU when the device is not in the built-in table."""
 
 
 @dataclass(kw_only=True)

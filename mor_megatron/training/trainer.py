@@ -86,7 +86,10 @@ class Trainer:
         self.sink, run_id = start_tracking(cfg.tracking, run_dir=self.run_dir, config_dict=config_to_dict(cfg),
                                            resume_run_id=self.loop.mlflow_run_id,
                                            is_logging_rank=self.is_logging_rank, local_rank=self.ctx.local_rank,
-                                           node_id=f"node{self.ctx.node_rank}")
+                                           node_id=f"node{self.ctx.node_rank}",
+                                           system_metrics_interval_s=cfg.tracking.system_metrics_interval_s,
+                                           retry_after_s=cfg.tracking.retry_after_s,
+                                           close_timeout_s=cfg.tracking.close_timeout_s)
         self.loop.mlflow_run_id = run_id
         self.flops_per_token = flops_per_token(cfg.model, cfg.recursion,
                                                cfg.seq_length).training_flops_per_token_with_lm_head
@@ -223,7 +226,7 @@ class Trainer:
         values.update(M.throughput_metrics(step_time_s=elapsed, tokens_per_step=tokens_per_step,
                                            num_devices=dist.get_world_size(),
                                            training_flops_per_token=self.flops_per_token,
-                                           peak_flops=M.peak_flops_per_device(_device_name(self.ctx.device))))
+                                           peak_flops=self._peak_flops()))
         values.update(M.memory_metrics(M.peak_memory_gib(self.ctx.device), node_rank=self.ctx.node_rank,
                                        num_nodes=self.ctx.num_nodes))
         values.update(self._router_stats())
@@ -235,6 +238,10 @@ class Trainer:
             f"learning rate: {values[M.OPTIM_LR]:.3E} | global batch size: {cfg.train.global_batch_size:5d} | "
             f"lm loss: {values[M.TRAIN_LM_LOSS]:.6E} | grad norm: {values[M.OPTIM_GRAD_NORM]:.3f} | "
             f"tokens/s: {values[M.PERF_TOKENS_PER_S]:.0f}")
+
+    def _peak_flops(self) -> float | None:
+        configured = self.config.tracking.peak_tflops
+        return configured * 1e12 if configured else M.peak_flops_per_device(_device_name(self.ctx.device))
 
     def _router_stats(self) -> dict[str, float]:
         """Router statistics averaged over data-parallel ranks (collective over the DP group)."""
