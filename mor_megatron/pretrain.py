@@ -42,10 +42,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from mor_megatron.runtime import destroy_distributed, init_distributed
+    from mor_megatron.training.megatron_engine import MegatronEngine
     from mor_megatron.training.trainer import Trainer
 
     ctx = init_distributed(config.parallel, seed=config.train.seed)
-    trainer = Trainer(config, ctx)
+    trainer = Trainer(config, ctx, MegatronEngine)
     failed = True
     try:
         trainer.build()

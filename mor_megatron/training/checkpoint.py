@@ -172,6 +172,8 @@ class Checkpointer:
             raise CheckpointError(f"checkpoint {path} is incomplete (no metadata.json)")
         common = dist_checkpointing.load_common_state_dict(str(path))
         same_layout = common.get("layout") == self._layout()
+        if optimizer is not None:
+            _materialize_optimizer_state(optimizer)
         state = self._sharded_state(model_chunks, optimizer, is_loading=True, with_rng=same_layout)
         try:
             loaded = dist_checkpointing.load(state, str(path))
@@ -190,6 +192,24 @@ class Checkpointer:
             logger.warning("checkpoint %s was saved with layout %s, this job runs %s: RNG states not restored",
                            path, common.get("layout"), self._layout())
         return LoopState(**loaded["loop"])
+
+
+def _materialize_optimizer_state(optimizer) -> None:
+    """Give a fresh optimizer zero Adam state so that its sharded state dict can be built for loading.
+
+    megatron's DistributedOptimizer reads the Adam ``step`` of every parameter to describe its state (and asserts
+    there is exactly one); a never-stepped torch AdamW has none. The zeros are overwritten by the load. (megatron's
+    own ``_init_optimizer_states_with_dummy_values`` takes a real step instead, which applies weight decay.)
+    """
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        torch_optimizer = inner.optimizer
+        for group in torch_optimizer.param_groups:
+            for param in group["params"]:
+                state = torch_optimizer.state[param]
+                if not state:
+                    state["step"] = torch.zeros((), dtype=torch.float32)
+                    state["exp_avg"] = torch.zeros_like(param.data)
+                    state["exp_avg_sq"] = torch.zeros_like(param.data)
 
 
 def _rng_state() -> dict[str, Any]:

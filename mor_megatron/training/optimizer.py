@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from mor_megatron.config import OptimConfig, ParallelConfig
@@ -28,7 +29,35 @@ def build_optimizer(optim: OptimConfig, parallel: ParallelConfig, model_chunks: 
         overlap_param_gather_with_optimizer_step=False,
     )
     # The collection carries every group the optimizer needs; megatron refuses extra gloo groups beside it.
-    return get_megatron_optimizer(config, model_chunks, use_gloo_process_groups=False, pg_collection=pg_collection)
+    optimizer = get_megatron_optimizer(config, model_chunks, use_gloo_process_groups=False,
+                                       pg_collection=pg_collection)
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if isinstance(inner, DistributedOptimizer):
+            _restore_without_step(inner)
+    return optimizer
+
+
+def _restore_without_step(optimizer: DistributedOptimizer) -> None:
+    """Work around megatron-core 0.16.1 restoring torch-Adam state from a ``fully_reshardable`` checkpoint.
+
+    With torch's AdamW (no apex/TE) every parameter's state holds a 0-dim ``step``; the checkpoint does not store
+    it per parameter (it is restored from the param groups), yet ``_set_main_param_and_optimizer_states`` copies
+    every key of the live state and fails with ``KeyError: 'step'``. Hide ``step`` during that copy.
+    """
+    original = optimizer._set_main_param_and_optimizer_states
+
+    def restore(model_param, tensors):
+        group_index, group_order = optimizer.model_param_group_index_map[model_param]
+        main_param = optimizer.optimizer.param_groups[group_index]["params"][group_order]
+        state = optimizer.optimizer.state[main_param]
+        step = state.pop("step", None) if "step" not in tensors else None
+        try:
+            original(model_param, tensors)
+        finally:
+            if step is not None:
+                state["step"] = step
+
+    optimizer._set_main_param_and_optimizer_states = restore
 
 
 def build_scheduler(optim: OptimConfig, optimizer: MegatronOptimizer, *, train_steps: int) -> OptimizerParamScheduler:

@@ -1,0 +1,150 @@
+"""The Megatron-core training backend: DDP (+ distributed optimizer), megatron schedules, dist checkpoints."""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.module import Float16Module
+
+from mor_megatron.config import JobConfig
+from mor_megatron.model.builder import build_model, transformer_config
+from mor_megatron.model.gpt import MoRGPTModel
+from mor_megatron.runtime import DistributedContext
+from mor_megatron.training import metrics as M
+from mor_megatron.training.checkpoint import Checkpointer, LoopState
+from mor_megatron.training.engine import Batches
+from mor_megatron.training.optimizer import build_optimizer, build_scheduler
+from mor_megatron.training.step import forward_step
+
+
+class TrainingDiverged(FloatingPointError):
+    """The loss or gradient norm became NaN or infinite."""
+
+
+def resolve_params_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """`auto`: bf16 on GPU, fp32 on CPU (CPU bf16 matmuls are slow and this is where tests run)."""
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def num_microbatches(config: JobConfig, data_parallel_size: int) -> int:
+    train = config.train
+    return train.global_batch_size // (train.micro_batch_size * data_parallel_size)
+
+
+def mean_over_world(values: list[float], device: torch.device) -> float:
+    """Mean of the values held by the ranks that hold any (e.g. the last pipeline stage), same on all ranks."""
+    local = torch.tensor([sum(values), float(len(values))], dtype=torch.float64, device=device)
+    dist.all_reduce(local)  # TP/DP replicas of a loss each count once in both sums, so the ratio is the mean
+    return float(local[0] / local[1]) if local[1] > 0 else math.nan
+
+
+class MegatronEngine:
+    """Model chunks in megatron DDP, megatron-core AdamW + LR schedule, megatron's forward/backward schedules."""
+
+    def __init__(self, config: JobConfig, ctx: DistributedContext):
+        self.config = config
+        self.ctx = ctx
+        self.params_dtype = resolve_params_dtype(config.train.precision, ctx.device)
+        self.num_microbatches = num_microbatches(config, ctx.dims.dp)
+        self.model_chunks, self.mcore_config = self._build_model()
+        self.optimizer = build_optimizer(config.optim, config.parallel, self.model_chunks,
+                                         pg_collection=ctx.pg_collection, params_dtype=self.params_dtype)
+        self.scheduler = build_scheduler(config.optim, self.optimizer, train_steps=config.train.train_steps)
+        self._wire_schedule_hooks()
+        ckpt = config.checkpoint
+        self.checkpointer = Checkpointer(save_dir=ckpt.save_dir, load_dir=ckpt.load_dir, keep_last=ckpt.keep_last,
+                                         ctx=ctx)
+
+    def _build_model(self):
+        cfg = self.config
+        mcore_config = transformer_config(cfg.model, cfg.recursion, cfg.parallel, params_dtype=self.params_dtype,
+                                          use_cpu_initialization=self.ctx.device.type == "cpu",
+                                          recompute=cfg.train.recompute)
+        model = build_model(cfg.model, cfg.recursion, mcore_config, pg_collection=self.ctx.pg_collection)
+        model.set_aux_loss_scale(1.0 / self.num_microbatches)
+        model.to(self.ctx.device)
+        if self.params_dtype == torch.bfloat16:
+            model = Float16Module(mcore_config, model)
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
+            overlap_param_gather=cfg.parallel.overlap_param_gather,
+            use_distributed_optimizer=cfg.parallel.use_distributed_optimizer, check_for_nan_in_grad=True)
+        ddp = DistributedDataParallel(mcore_config, ddp_config, model, pg_collection=self.ctx.pg_collection)
+        return [ddp], mcore_config
+
+    def _wire_schedule_hooks(self) -> None:
+        """What megatron's schedules call back into: grad finalisation, no_sync, overlapped grad/param sync."""
+        chunks, config = self.model_chunks, self.mcore_config
+        config.finalize_model_grads_func = functools.partial(finalize_model_grads,
+                                                             pg_collection=self.ctx.pg_collection)
+        config.no_sync_func = chunks[0].no_sync
+        config.grad_scale_func = self.optimizer.scale_loss
+        if self.config.parallel.overlap_grad_reduce:
+            config.grad_sync_func = chunks[0].start_grad_sync
+        if self.config.parallel.overlap_param_gather:
+            config.param_sync_func = chunks[0].start_param_sync
+
+    # -- Engine protocol ---------------------------------------------------------------------------------------
+    @property
+    def model(self) -> MoRGPTModel:
+        module = self.model_chunks[0].module
+        return module.module if isinstance(module, Float16Module) else module
+
+    @property
+    def is_logging_rank(self) -> bool:
+        return parallel_state.is_pipeline_last_stage() and self.ctx.dp_rank == 0 and self.ctx.tp_rank == 0
+
+    def _forward_backward(self, batches: Batches, *, forward_only: bool, routing_mode: str) -> list[float]:
+        outputs = get_forward_backward_func()(
+            forward_step_func=functools.partial(forward_step, device=self.ctx.device, routing_mode=routing_mode),
+            data_iterator=batches, model=self.model_chunks, num_microbatches=self.num_microbatches,
+            seq_length=self.config.seq_length, micro_batch_size=self.config.train.micro_batch_size,
+            forward_only=forward_only)
+        return [float(out["lm_loss"]) for out in outputs]
+
+    def train_step(self, batches: Batches) -> dict[str, float]:
+        for chunk in self.model_chunks:
+            chunk.train()
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        losses = self._forward_backward(batches, forward_only=False, routing_mode="topk")
+        _, grad_norm, _ = self.optimizer.step()
+        self.scheduler.step(increment=1)
+        self.model.update_router_bias(self.config.recursion.bias_update_rate,
+                                      parallel_state.get_data_parallel_group())
+        loss = mean_over_world(losses, self.ctx.device)
+        grad_norm = float(grad_norm) if grad_norm is not None else math.nan
+        if not math.isfinite(loss) or not math.isfinite(grad_norm):
+            raise TrainingDiverged(
+                f"lm loss {loss} / grad norm {grad_norm} is not finite; lower optim.lr (now {self.config.optim.lr}) "
+                f"or resume from the last checkpoint in {self.config.checkpoint.save_dir}")
+        return {M.TRAIN_LM_LOSS: loss, M.OPTIM_GRAD_NORM: grad_norm, M.OPTIM_LR: self.optimizer.param_groups[0]["lr"]}
+
+    def eval_loss(self, batches: Batches, *, num_batches: int, routing_mode: str) -> float:
+        for chunk in self.model_chunks:
+            chunk.eval()
+        losses: list[float] = []
+        with torch.no_grad():
+            for _ in range(num_batches):
+                losses += self._forward_backward(batches, forward_only=True, routing_mode=routing_mode)
+        return mean_over_world(losses, self.ctx.device)
+
+    def save(self, step: int, loop: LoopState, config_dict: dict[str, Any]) -> str:
+        return str(self.checkpointer.save(step, model_chunks=self.model_chunks, optimizer=self.optimizer,
+                                          scheduler=self.scheduler, loop=loop, config_dict=config_dict))
+
+    def resume(self) -> LoopState | None:
+        if self.checkpointer.latest_step() is None:
+            return None
+        return self.checkpointer.load(model_chunks=self.model_chunks, optimizer=self.optimizer,
+                                      scheduler=self.scheduler)
