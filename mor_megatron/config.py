@@ -272,6 +272,28 @@ class TrackingConfig:
 
 
 @dataclass(kw_only=True)
+class DeepSpeedConfig:
+    """DeepSpeed ZeRO backend (``mor-pretrain-deepspeed`` only; the Megatron path ignores this section).
+
+    Batch sizes, gradient clipping, precision and the AdamW hyper-parameters always come from this config tree
+    and are written into the DeepSpeed JSON; the LR schedule is the project's (``optim``).
+    """
+
+    config: str | None = None
+    """DeepSpeed JSON, e.g. configs/deepspeed/zero2.json; None: ZeRO with DeepSpeed's defaults."""
+    zero_stage: int | None = None
+    """Overrides zero_optimization.stage of the JSON (0-3); None: the JSON's stage, else 1."""
+    offload: bool = False
+    """Optimizer states (stage 3: also parameters) in CPU memory, updated by DeepSpeedCPUAdam (C++ build)."""
+
+    def __post_init__(self) -> None:
+        _require(self.zero_stage is None or self.zero_stage in (0, 1, 2, 3),
+                 f"deepspeed.zero_stage must be 0, 1, 2 or 3 (or null for the JSON's stage), got {self.zero_stage!r}")
+        _require(not (self.offload and self.zero_stage == 0),
+                 "deepspeed.offload needs ZeRO: set deepspeed.zero_stage to 1, 2 or 3")
+
+
+@dataclass(kw_only=True)
 class JobConfig:
     """The whole job. ``preset`` names a model shape; the ``model`` and ``recursion`` sections start from it."""
 
@@ -284,6 +306,7 @@ class JobConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     output_dir: str = "runs/default"
 
     @property
@@ -314,6 +337,18 @@ class LayerLayout:
     @property
     def num_unrolled_layers(self) -> int:
         return self.num_prefix + self.num_shared * self.num_recursions + self.num_suffix
+
+    def stage_layers(self, pp_rank: int, pp_size: int) -> list[int]:
+        """Unique layers held by pipeline rank ``pp_rank``: its 1/pp_size slice of the shared block, plus the
+        prefix on the first rank and the suffix on the last (each shared layer lives on exactly one rank)."""
+        per_rank = self.num_shared // pp_size
+        first = self.num_prefix + pp_rank * per_rank
+        layers = list(range(first, first + per_rank))
+        if pp_rank == 0:
+            layers = list(range(self.num_prefix)) + layers
+        if pp_rank == pp_size - 1:
+            layers += list(range(self.num_prefix + self.num_shared, self.num_unique_layers))
+        return layers
 
     def recursion_layers(self, recursion_idx: int) -> list[int]:
         """Unique-layer indices applied, in order, at 0-based recursion ``recursion_idx``.
@@ -556,6 +591,16 @@ def validate(config: JobConfig, world_size: int | None = None) -> None:
              f"model.num_query_groups={model.num_query_groups} is not divisible by parallel.tensor_parallel_size={tp}")
     _require(model.ffn_hidden_size % tp == 0,
              f"model.ffn_hidden_size={model.ffn_hidden_size} is not divisible by parallel.tensor_parallel_size={tp}")
+    pp = par.pipeline_parallel_size
+    if pp > 1:
+        layout = layer_layout(model, rec)
+        _require(layout.num_shared % pp == 0,
+                 f"the shared block has {layout.num_shared} layers, which parallel.pipeline_parallel_size={pp} "
+                 "cannot split evenly (each pipeline rank holds one slice of it); change model.num_layers or the "
+                 "pipeline size")
+        _require(rec.kv_mode != "shared",
+                 "recursion.kv_mode='shared' is not supported with pipeline parallelism yet; use 'recursion_wise' "
+                 "or parallel.pipeline_parallel_size=1")
     _require(config.seq_length <= model.max_seq_length,
              f"train.seq_length={config.seq_length} exceeds model.max_seq_length={model.max_seq_length}")
     _require(config.optim.warmup_steps < train.train_steps,
@@ -571,6 +616,11 @@ def validate(config: JobConfig, world_size: int | None = None) -> None:
                  f"world size {world_size} is not divisible by parallel.tensor_parallel_size={tp} x "
                  f"parallel.pipeline_parallel_size={par.pipeline_parallel_size}")
         dp = world_size // model_parallel
+        num_microbatches = train.global_batch_size // max(1, train.micro_batch_size * dp)
+        _require(pp == 1 or rec.num_recursions == 1 or num_microbatches % pp == 0,
+                 f"the interleaved pipeline schedule (one virtual stage per recursion) needs the number of "
+                 f"micro-batches ({num_microbatches} = train.global_batch_size / (micro_batch_size x dp)) to be a "
+                 f"multiple of parallel.pipeline_parallel_size={pp}")
         _require(train.global_batch_size % (train.micro_batch_size * dp) == 0,
                  f"train.global_batch_size={train.global_batch_size} is not divisible by train.micro_batch_size="
                  f"{train.micro_batch_size} x data-parallel size {dp} (world {world_size} / tp {tp} / pp "

@@ -45,7 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     from mor_megatron.training.megatron_engine import MegatronEngine
     from mor_megatron.training.trainer import Trainer
 
-    ctx = init_distributed(config.parallel, seed=config.train.seed)
+    from mor_megatron.model.builder import virtual_pipeline_size
+
+    ctx = init_distributed(config.parallel, seed=config.train.seed,
+                           virtual_pipeline_size=virtual_pipeline_size(config.recursion, config.parallel))
     trainer = Trainer(config, ctx, MegatronEngine)
     failed = True
     try:

@@ -38,7 +38,9 @@ class ActiveTokens:
         """Compact a boolean ``[b, s]`` mask (True = active) into ascending positions padded at the end."""
         batch, seq_length = mask.shape
         counts = mask.sum(dim=1)
-        k = int(counts.max().item()) if batch else 0
+        # At least one slot: a recursion always runs (on a padded slot if need be), so every shared weight is
+        # used the same number of times per step, which megatron's overlapped grad reduce counts on.
+        k = max(1, int(counts.max().item())) if batch else 1
         # Sorting active positions first (stable) keeps their original order; inactive ones fall behind.
         order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices[:, :k]
         valid = torch.arange(k, device=mask.device)[None, :] < counts[:, None]
@@ -89,6 +91,11 @@ class ActiveTokens:
         index = self._scatter_index()[:, :, None].expand(-1, -1, width)
         written = padded.scatter(1, index, update.transpose(0, 1).to(hidden.dtype))
         return written.transpose(0, 1)[:seq_length]
+
+    def scatter_rows(self, base: Tensor, update: Tensor) -> Tensor:
+        """Out-of-place write of per-slot values ``update`` ``[b, k]`` into ``base`` ``[b, s]``."""
+        padded = torch.cat([base, base.new_zeros(base.shape[0], 1)], dim=1)
+        return padded.scatter(1, self._scatter_index(), update.to(base.dtype))[:, : self.seq_length]
 
     def attention_mask(self, input_mask: Tensor | None) -> Tensor | None:
         """Boolean mask ``[b, 1, k, k]`` (True = masked) for attention among the compacted tokens.

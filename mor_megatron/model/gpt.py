@@ -31,7 +31,7 @@ class MoRGPTModel(GPTModel):
     def __init__(self, config: TransformerConfig, *, block_spec: TransformerBlockSubmodules, layout: LayerLayout,
                  recursion: RecursionConfig, vocab_size: int, max_sequence_length: int, pre_process: bool,
                  post_process: bool, share_embeddings_and_output_weights: bool, rotary_base: float,
-                 pg_collection, vp_stage: int | None = None):
+                 pg_collection):
         super().__init__(
             config=config,
             transformer_layer_spec=TransformerBlockSubmodules(layer_specs=[], layer_norm=None),
@@ -43,21 +43,42 @@ class MoRGPTModel(GPTModel):
             position_embedding_type="rope",
             rotary_base=rotary_base,
             pg_collection=pg_collection,
-            vp_stage=vp_stage,
         )
         self.decoder = MoRBlock(config, block_spec, layout=layout, recursion=recursion, pre_process=pre_process,
-                                post_process=post_process, pg_collection=self.pg_collection, vp_stage=vp_stage)
+                                post_process=post_process, pg_collection=self.pg_collection)
 
-    def forward(self, input_ids: Tensor, position_ids: Tensor, attention_mask: Tensor | None,
+    def forward(self, input_ids: Tensor | None, position_ids: Tensor | None, attention_mask: Tensor | None,
                 labels: Tensor | None = None, *, loss_mask: Tensor | None = None,
-                routing_mode: RoutingMode = "topk", decoder_input: Tensor | None = None) -> Tensor:
+                routing_mode: RoutingMode = "topk", decoder_input: Tensor | None = None,
+                recursion_chunk: int | None = None) -> Tensor:
         """Token ids ``[b, s]`` -> per-token loss ``[b, s]`` when ``labels`` are given, else logits ``[b, s, V/tp]``.
 
         ``routing_mode`` `causal` runs the threshold routing that serving uses; `topk` is training routing.
+        With pipeline parallelism each call runs one recursion chunk (virtual stage) of this rank: the input
+        comes from ``set_input_tensor`` except for chunk 0 on the first rank, and the output is the packed
+        stage tensor except for the last chunk on the last rank.
         """
+        if recursion_chunk is not None:
+            return self._forward_chunk(input_ids, position_ids, attention_mask, labels, loss_mask, routing_mode,
+                                       recursion_chunk)
         return super().forward(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
                                decoder_input=decoder_input, labels=labels, loss_mask=loss_mask,
                                extra_block_kwargs={"routing_mode": routing_mode})
+
+    def _forward_chunk(self, input_ids, position_ids, attention_mask, labels, loss_mask, routing_mode,
+                       recursion_chunk: int) -> Tensor:
+        is_first = self.pre_process and recursion_chunk == 0
+        is_last = self.post_process and recursion_chunk == self.decoder.recursion.num_recursions - 1
+        embedded = self.embedding(input_ids=input_ids, position_ids=position_ids) if is_first else None
+        rotary_pos_emb = self.rotary_pos_emb(self.decoder.packing.seq_length)
+        hidden = self.decoder(hidden_states=embedded, attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb,
+                              routing_mode=routing_mode, recursion_chunk=recursion_chunk)
+        if not is_last:
+            return hidden
+        return self._postprocess(hidden_states=hidden, input_ids=input_ids, position_ids=position_ids,
+                                 labels=labels, rotary_pos_emb=rotary_pos_emb, rotary_pos_cos=None,
+                                 rotary_pos_sin=None, mtp_in_postprocess=False, loss_mask=loss_mask,
+                                 attention_mask=attention_mask)
 
     def set_aux_loss_scale(self, scale: float) -> None:
         """Backward scale of router losses, normally ``1 / num_microbatches`` like megatron's LM loss."""

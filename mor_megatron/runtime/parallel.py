@@ -214,6 +214,7 @@ def init_distributed(
     parallel_config: ParallelConfig,
     *,
     seed: int,
+    virtual_pipeline_size: int | None = None,
     backend: str | None = None,
     timeout_s: float = 600,
 ) -> DistributedContext:
@@ -228,6 +229,7 @@ def init_distributed(
     Args:
         parallel_config: the ``parallel`` config section; dp is derived from the world size.
         seed: base seed, the same on every rank (megatron offsets the TP-rank streams itself).
+        virtual_pipeline_size: virtual stages per pipeline rank (MoR: one per recursion), None for plain PP.
         backend: ``"nccl"`` or ``"gloo"``; default nccl with CUDA, gloo without.
         timeout_s: collective timeout for the process groups.
 
@@ -256,6 +258,7 @@ def init_distributed(
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=dims.tp,
         pipeline_model_parallel_size=dims.pp,
+        virtual_pipeline_model_parallel_size=virtual_pipeline_size if dims.pp > 1 else None,
         distributed_timeout_minutes=max(1, math.ceil(timeout_s / 60)),
     )
     random.seed(seed)

@@ -15,7 +15,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 
 from mor_megatron.config import JobConfig
-from mor_megatron.model.builder import build_model, transformer_config
+from mor_megatron.model.builder import build_model, transformer_config, virtual_pipeline_size
 from mor_megatron.model.gpt import MoRGPTModel
 from mor_megatron.runtime import DistributedContext
 from mor_megatron.training import metrics as M
@@ -48,6 +48,41 @@ def mean_over_world(values: list[float], device: torch.device) -> float:
     return float(local[0] / local[1]) if local[1] > 0 else math.nan
 
 
+class RecursionChunk(torch.nn.Module):
+    """One virtual pipeline stage (a recursion) of this rank, as megatron's schedules see a model chunk.
+
+    Every chunk runs the same DDP-wrapped stage model (the rank's slice of the shared block is one set of
+    weights), with its recursion index. Gradient sync is the wrapped model's, done once: only chunk 0 forwards
+    ``finish_grad_sync``.
+    """
+
+    def __init__(self, ddp: DistributedDataParallel, index: int, num_chunks: int):
+        super().__init__()
+        self.module = ddp
+        self.index = index
+        self.num_chunks = num_chunks
+
+    def forward(self, *args, **kwargs):  # noqa: D102
+        return self.module(*args, recursion_chunk=self.index, **kwargs)
+
+    def set_input_tensor(self, input_tensor) -> None:
+        """Called by the schedules before this chunk's forward with the tensor received from the previous stage."""
+        model = self.module.module
+        (model.module if isinstance(model, Float16Module) else model).set_input_tensor(input_tensor)
+
+    def __getattr__(self, name: str):
+        # Anything else megatron asks a model chunk for (ddp_config, ...) is the wrapped DDP's.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["module"], name)
+
+    def finish_grad_sync(self, *args, **kwargs) -> None:
+        """Sync the shared DDP buffers once per step (finalize_model_grads calls every chunk)."""
+        if self.index == 0:
+            self.module.finish_grad_sync(*args, **kwargs)
+
+
 class MegatronEngine:
     """Model chunks in megatron DDP, megatron-core AdamW + LR schedule, megatron's forward/backward schedules."""
 
@@ -57,7 +92,7 @@ class MegatronEngine:
         self.params_dtype = resolve_params_dtype(config.train.precision, ctx.device)
         self.num_microbatches = num_microbatches(config, ctx.dims.dp)
         self.model_chunks, self.mcore_config = self._build_model()
-        self.optimizer = build_optimizer(config.optim, config.parallel, self.model_chunks,
+        self.optimizer = build_optimizer(config.optim, config.parallel, [self.ddp],
                                          pg_collection=ctx.pg_collection, params_dtype=self.params_dtype)
         self.scheduler = build_scheduler(config.optim, self.optimizer, train_steps=config.train.train_steps)
         self._wire_schedule_hooks()
@@ -70,7 +105,9 @@ class MegatronEngine:
         mcore_config = transformer_config(cfg.model, cfg.recursion, cfg.parallel, params_dtype=self.params_dtype,
                                           use_cpu_initialization=self.ctx.device.type == "cpu",
                                           recompute=cfg.train.recompute)
-        model = build_model(cfg.model, cfg.recursion, mcore_config, pg_collection=self.ctx.pg_collection)
+        pipelined = self.ctx.dims.pp > 1
+        model = build_model(cfg.model, cfg.recursion, mcore_config, pg_collection=self.ctx.pg_collection,
+                            pipeline_seq_length=cfg.seq_length if pipelined else None)
         model.set_aux_loss_scale(1.0 / self.num_microbatches)
         model.to(self.ctx.device)
         if self.params_dtype == torch.bfloat16:
@@ -79,43 +116,57 @@ class MegatronEngine:
             grad_reduce_in_fp32=True, overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
             overlap_param_gather=cfg.parallel.overlap_param_gather,
             use_distributed_optimizer=cfg.parallel.use_distributed_optimizer, check_for_nan_in_grad=True)
-        ddp = DistributedDataParallel(mcore_config, ddp_config, model, pg_collection=self.ctx.pg_collection)
-        return [ddp], mcore_config
+        self.ddp = DistributedDataParallel(mcore_config, ddp_config, model, pg_collection=self.ctx.pg_collection)
+        if not pipelined:
+            return [self.ddp], mcore_config
+        num_chunks = virtual_pipeline_size(cfg.recursion, cfg.parallel) or 1
+        return [RecursionChunk(self.ddp, index, num_chunks) for index in range(num_chunks)], mcore_config
 
     def _wire_schedule_hooks(self) -> None:
         """What megatron's schedules call back into: grad finalisation, no_sync, overlapped grad/param sync."""
-        chunks, config = self.model_chunks, self.mcore_config
+        config = self.mcore_config
         config.finalize_model_grads_func = functools.partial(finalize_model_grads,
                                                              pg_collection=self.ctx.pg_collection)
-        config.no_sync_func = chunks[0].no_sync
+        config.no_sync_func = self.ddp.no_sync
         config.grad_scale_func = self.optimizer.scale_loss
-        if self.config.parallel.overlap_grad_reduce:
-            config.grad_sync_func = chunks[0].start_grad_sync
-        if self.config.parallel.overlap_param_gather:
-            config.param_sync_func = chunks[0].start_param_sync
+        # No grad_sync_func/param_sync_func: the shared block's weights serve every recursion chunk, so a
+        # per-chunk sync would start too early. megatron DDP's own hooks count each weight's uses per step and
+        # start the (overlapped) reduce after the last one.
 
     # -- Engine protocol ---------------------------------------------------------------------------------------
     @property
     def model(self) -> MoRGPTModel:
-        module = self.model_chunks[0].module
+        module = self.ddp.module
         return module.module if isinstance(module, Float16Module) else module
 
     @property
     def is_logging_rank(self) -> bool:
         return parallel_state.is_pipeline_last_stage() and self.ctx.dp_rank == 0 and self.ctx.tp_rank == 0
 
+    def _data_iterators(self, batches: Batches):
+        """Per-chunk data: only chunk 0 on the first stage and the last chunk on the last stage read batches."""
+        if self.ctx.dims.pp == 1:
+            return batches
+        first, last = parallel_state.is_pipeline_first_stage(), parallel_state.is_pipeline_last_stage()
+        num_chunks = len(self.model_chunks)
+        if num_chunks == 1:
+            return batches if (first or last) else None
+        return [batches if (first and i == 0) or (last and i == num_chunks - 1) else None
+                for i in range(num_chunks)]
+
     def _forward_backward(self, batches: Batches, *, forward_only: bool, routing_mode: str) -> list[float]:
+        packing = self.model.decoder.packing
         outputs = get_forward_backward_func()(
             forward_step_func=functools.partial(forward_step, device=self.ctx.device, routing_mode=routing_mode),
-            data_iterator=batches, model=self.model_chunks, num_microbatches=self.num_microbatches,
-            seq_length=self.config.seq_length, micro_batch_size=self.config.train.micro_batch_size,
-            forward_only=forward_only)
+            data_iterator=self._data_iterators(batches), model=self.model_chunks,
+            num_microbatches=self.num_microbatches,
+            seq_length=packing.rows if packing is not None else self.config.seq_length,
+            micro_batch_size=self.config.train.micro_batch_size, forward_only=forward_only)
         return [float(out["lm_loss"]) for out in outputs]
 
     def train_step(self, batches: Batches) -> dict[str, float]:
-        for chunk in self.model_chunks:
-            chunk.train()
-            chunk.zero_grad_buffer()
+        self.ddp.train()
+        self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
         losses = self._forward_backward(batches, forward_only=False, routing_mode="topk")
         _, grad_norm, _ = self.optimizer.step()
@@ -131,8 +182,7 @@ class MegatronEngine:
         return {M.TRAIN_LM_LOSS: loss, M.OPTIM_GRAD_NORM: grad_norm, M.OPTIM_LR: self.optimizer.param_groups[0]["lr"]}
 
     def eval_loss(self, batches: Batches, *, num_batches: int, routing_mode: str) -> float:
-        for chunk in self.model_chunks:
-            chunk.eval()
+        self.ddp.eval()
         losses: list[float] = []
         with torch.no_grad():
             for _ in range(num_batches):
@@ -140,11 +190,11 @@ class MegatronEngine:
         return mean_over_world(losses, self.ctx.device)
 
     def save(self, step: int, loop: LoopState, config_dict: dict[str, Any]) -> str:
-        return str(self.checkpointer.save(step, model_chunks=self.model_chunks, optimizer=self.optimizer,
+        return str(self.checkpointer.save(step, model_chunks=[self.ddp], optimizer=self.optimizer,
                                           scheduler=self.scheduler, loop=loop, config_dict=config_dict))
 
     def resume(self) -> LoopState | None:
         if self.checkpointer.latest_step() is None:
             return None
-        return self.checkpointer.load(model_chunks=self.model_chunks, optimizer=self.optimizer,
+        return self.checkpointer.load(model_chunks=[self.ddp], optimizer=self.optimizer,
                                       scheduler=self.scheduler)

@@ -35,10 +35,20 @@ def masked_mean_loss(loss_mask: Tensor, per_token_loss: Tensor) -> tuple[Tensor,
     return loss, {"lm_loss": loss.detach().clone()}
 
 
-def forward_step(data_iterator: Iterator[dict[str, Tensor]], model, *, device: torch.device,
+def forward_step(data_iterator: Iterator[dict[str, Tensor]] | None, model, *, device: torch.device,
                  routing_mode: RoutingMode = "topk") -> tuple[Tensor, Callable]:
-    """One micro-batch through ``model``; see the module docstring for the contract."""
+    """One micro-batch through ``model``; see the module docstring for the contract.
+
+    ``data_iterator`` is None for pipeline chunks that need no data (neither the first nor the last stage):
+    their input arrives from the previous stage.
+    """
+    if data_iterator is None:
+        return model(None, None, None, routing_mode=routing_mode), _no_loss
     batch = move_batch(next(data_iterator), device)
     output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
                    routing_mode=routing_mode)
     return output, functools.partial(masked_mean_loss, batch["loss_mask"])
+
+
+def _no_loss(output: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    raise RuntimeError("a pipeline chunk without data reached the loss; the data iterators are miswired")

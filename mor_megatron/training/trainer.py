@@ -136,6 +136,10 @@ class Trainer:
     def _router_stats(self) -> dict[str, float]:
         """Router statistics averaged over data-parallel ranks (collective over the DP group)."""
         stats = self.engine.model.pop_router_stats()
+        if self.ctx.dims.pp > 1:  # routers live on the first stage; every stage must reduce the same keys
+            gathered = [None] * self.ctx.dims.pp
+            dist.all_gather_object(gathered, stats, group=parallel_state.get_pipeline_model_parallel_group())
+            stats = {key: value for part in gathered for key, value in part.items()}
         if not stats:
             return {}
         keys = sorted(stats)
