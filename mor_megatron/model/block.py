@@ -111,7 +111,8 @@ class MoRBlock(TransformerBlock):
             out.update(layer_state)
         for name, module in self.named_children():
             if module is not self.layers:
-                out.update(sharded_state_dict_default(module, f"{prefix}{name}.", sharded_offsets, metadata))
+                out.update(sharded_state_dict_default(module, f"{prefix}{name}.", sharded_offsets, metadata,
+                                                      tp_group=self.tp_group))
         return out
 
     # ----------------------------------------------------------------------------------------------------------

@@ -45,32 +45,56 @@ def synthetic_batches(config: JobConfig, dp_rank: int, dp_size: int, num_steps: 
                    "position_ids": torch.arange(seq).expand(sample.shape[0], -1)}
 
 
-def train_layout(rank: int, world_size: int, *, preset: str, tp: int, pp: int, init_dir: str, steps: int,
-                 overrides: dict | None = None, save_dir: str | None = None) -> dict:
-    """Run ``steps`` optimizer steps at (tp, pp) from the checkpoint in ``init_dir`` (written first if absent)."""
+def run_variant(ctx_kwargs: dict, *, preset: str, tp: int, pp: int, init_dir: str, steps: int,
+                overrides: dict | None = None, save_dir: str | None = None, load_dir: str | None = None) -> dict:
+    """Train ``steps`` steps at (tp, pp) from the weights in ``init_dir`` (written first if absent).
+
+    With ``load_dir``, the full training state is resumed from there instead and nothing is trained; with
+    ``save_dir``, the state is saved after training. Returns per-step metrics, the eval loss after training,
+    the unique layers and parameter count of this rank.
+    """
     from megatron.core import dist_checkpointing
 
     from mor_megatron.model.builder import virtual_pipeline_size
-    from mor_megatron.runtime import init_distributed
+    from mor_megatron.runtime import destroy_distributed, init_distributed
+    from mor_megatron.training.checkpoint import LoopState
     from mor_megatron.training.megatron_engine import MegatronEngine
 
     config = job_config(preset, tp=tp, pp=pp, overrides=overrides, save_dir=save_dir)
+    if load_dir is not None:
+        config.checkpoint.load_dir = load_dir
     ctx = init_distributed(config.parallel, seed=5,
                            virtual_pipeline_size=virtual_pipeline_size(config.recursion, config.parallel))
-    engine = MegatronEngine(config, ctx)
-    model = engine.model
-    init = Path(init_dir)
-    if not (init / "metadata.json").is_file():
-        if model.decoder.router is not None:
-            with torch.no_grad():
-                model.decoder.router.weight.normal_(0, 0.5)  # routing decisions that vary across tokens
-        init.mkdir(parents=True, exist_ok=True)
-        dist_checkpointing.save(model.sharded_state_dict(), str(init))
-    torch.distributed.barrier()
-    model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), str(init)))
-    engine.optimizer.reload_model_params()
+    try:
+        engine = MegatronEngine(config, ctx)
+        model = engine.model
+        history = []
+        if load_dir is not None:
+            engine.resume()
+        else:
+            init = Path(init_dir)
+            if not (init / "metadata.json").is_file():
+                if model.decoder.router is not None:
+                    with torch.no_grad():
+                        model.decoder.router.weight.normal_(0, 0.5)  # routing that varies across tokens
+                init.mkdir(parents=True, exist_ok=True)
+                dist_checkpointing.save(model.sharded_state_dict(), str(init))
+            torch.distributed.barrier()
+            model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), str(init)))
+            engine.optimizer.reload_model_params()
+            batches = synthetic_batches(config, ctx.dp_rank, ctx.dims.dp, steps)
+            history = [engine.train_step(batches) for _ in range(steps)]
+            if save_dir is not None:
+                engine.save(steps, LoopState(step=steps), {})
+        eval_batches = synthetic_batches(config, ctx.dp_rank, ctx.dims.dp, 1)
+        eval_loss = engine.eval_loss(eval_batches, num_batches=1, routing_mode="topk")
+        return {"history": history, "eval_loss": eval_loss, "layers": list(model.decoder.layer_ids),
+                "num_params": sum(p.numel() for p in model.parameters()), "pp_rank": ctx.pp_rank,
+                "tp_rank": ctx.tp_rank}
+    finally:
+        destroy_distributed(keep_process_group=True)
 
-    batches = synthetic_batches(config, ctx.dp_rank, ctx.dims.dp, steps)
-    history = [engine.train_step(batches) for _ in range(steps)]
-    params = {name: p.numel() for name, p in model.named_parameters()}
-    return {"history": history, "params": params, "pp_rank": ctx.pp_rank, "tp_rank": ctx.tp_rank}
+
+def run_variants(rank: int, world_size: int, *, variants: dict, **kwargs) -> dict:
+    """:func:`run_variant` for each named variant, in one set of processes (spawning is the slow part)."""
+    return {name: run_variant({}, **spec, **kwargs) for name, spec in variants.items()}
