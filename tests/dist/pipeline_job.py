@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from mor_megatron.bench.synthetic import synthetic_batches
 from mor_megatron.config import JobConfig, config_from_dict
 
 
@@ -27,22 +28,6 @@ def job_config(preset: str, *, tp: int, pp: int, overrides: dict | None = None, 
         "tracking": {"enabled": False},
     }
     return config_from_dict(values)
-
-
-def synthetic_batches(config: JobConfig, dp_rank: int, dp_size: int, num_steps: int):
-    """This DP rank's micro-batches for ``num_steps`` steps; the same global stream for every layout."""
-    train = config.train
-    seq = config.seq_length
-    generator = torch.Generator().manual_seed(1234)
-    per_step = train.global_batch_size
-    tokens = torch.randint(0, config.model.vocab_size, (num_steps * per_step, seq + 1), generator=generator)
-    for step in range(num_steps):
-        window = tokens[step * per_step:(step + 1) * per_step]
-        for start in range(dp_rank * train.micro_batch_size, per_step, dp_size * train.micro_batch_size):
-            sample = window[start:start + train.micro_batch_size]
-            yield {"tokens": sample[:, :-1], "labels": sample[:, 1:],
-                   "loss_mask": torch.ones(sample.shape[0], seq),
-                   "position_ids": torch.arange(seq).expand(sample.shape[0], -1)}
 
 
 def run_variant(ctx_kwargs: dict, *, preset: str, tp: int, pp: int, init_dir: str, steps: int,
