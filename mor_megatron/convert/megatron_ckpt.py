@@ -1,0 +1,190 @@
+"""Reading and writing mor_megatron ``torch_dist`` checkpoints without building a model (conversion side).
+
+Reading: a checkpoint's tensors are global (un-sharded) in ``dist_checkpointing``'s storage, so one process
+with a 1-rank gloo group loads any TP/PP/DP layout as plain tensors. Only the model's tensors are read
+(optimizer state is skipped), and the job config comes from the common state the trainer writes.
+
+Writing: :func:`write_weights_only` publishes a model-only checkpoint in the trainer's step-folder layout
+(``step_00000000/`` + ``latest``) with loop state step 0 and a ``weights_only`` marker in its common state.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from mor_megatron.config import ConfigError, JobConfig, ParallelConfig, config_from_dict
+from mor_megatron.convert import ConversionError
+from mor_megatron.training.checkpoint import LATEST_FILE, LoopState, find_latest_step, step_dir_name
+
+_MODEL_ROOTS = ("embedding", "decoder", "output_layer")
+_ANCHOR = "embedding.word_embeddings.weight"
+
+
+@dataclass
+class MegatronCheckpoint:
+    """Model tensors and metadata of one checkpoint step.
+
+    Attributes:
+        path: the step folder.
+        config: the job config stored with the checkpoint.
+        tensors: global model tensors keyed by GPTModel name (``decoder.layers.0....``).
+        step: the training step (loop state).
+    """
+
+    path: Path
+    config: JobConfig
+    tensors: dict[str, torch.Tensor]
+    step: int
+
+
+@contextmanager
+def lone_process_group() -> Iterator[Any]:
+    """A 1-rank job with megatron-core model-parallel state; yields its ``pg_collection``.
+
+    Reuses a 1-rank default process group when one exists (e.g. a test launcher's) and leaves it in place;
+    otherwise creates a lone gloo group and destroys it on exit.
+
+    Raises:
+        ConversionError: more than one rank, or megatron model-parallel state already set up by the caller.
+    """
+    from mor_megatron.runtime import destroy_distributed, init_distributed
+
+    world_size = dist.get_world_size() if dist.is_initialized() else int(
+        os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
+    if world_size != 1:
+        raise ConversionError(f"conversion runs in one process, but this job has {world_size} ranks; run it "
+                              "outside torchrun/srun")
+    owns_group = not dist.is_initialized()
+    try:
+        ctx = init_distributed(ParallelConfig(), seed=0, backend="gloo")
+    except RuntimeError as err:
+        raise ConversionError(f"cannot set up the conversion process: {err}") from err
+    try:
+        yield ctx.pg_collection
+    finally:
+        destroy_distributed(keep_process_group=not owns_group)
+
+
+def resolve_step_dir(path: str | Path) -> Path:
+    """A step folder as given, or the newest complete step of a ``checkpoint.save_dir`` (``latest``).
+
+    Raises:
+        ConversionError: no such folder, an incomplete step folder, or a save_dir without a complete step.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise ConversionError(f"checkpoint {str(path)!r} does not exist or is not a folder")
+    if (path / "metadata.json").is_file():
+        return path
+    if path.name.startswith("step_") or path.name.startswith(".tmp_step_"):
+        raise ConversionError(f"checkpoint {str(path)!r} is incomplete: no metadata.json (the save did not "
+                              "finish); use an earlier step, or the save_dir: its 'latest' names a complete "
+                              "one")
+    step = find_latest_step(path)
+    if step is None:
+        raise ConversionError(f"{str(path)!r} is neither a checkpoint step folder (with metadata.json) nor a "
+                              "checkpoint.save_dir holding a complete step_XXXXXXXX folder")
+    return path / step_dir_name(step)
+
+
+def check_shard_files(step_dir: Path) -> None:
+    """Every shard file the checkpoint's ``.metadata`` refers to exists and is long enough.
+
+    Raises:
+        ConversionError: ``.metadata`` is missing or unreadable, or a shard file is missing or truncated
+            (the message names the file, its size and the size the metadata needs).
+    """
+    from torch.distributed.checkpoint import FileSystemReader
+
+    if not (step_dir / ".metadata").is_file():
+        raise ConversionError(f"checkpoint {str(step_dir)!r} has no .metadata file: it is not a torch_dist "
+                              "checkpoint or it was copied incompletely")
+    try:
+        storage = FileSystemReader(str(step_dir)).read_metadata().storage_data
+    except Exception as err:  # torch raises several types for a corrupt metadata file
+        raise ConversionError(f"cannot read {str(step_dir / '.metadata')!r}: {err}") from err
+    needed: dict[str, int] = {}
+    for info in storage.values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        shard = step_dir / name
+        if not shard.is_file():
+            raise ConversionError(f"checkpoint {str(step_dir)!r} is missing shard file {name!r} (one of "
+                                  f"{len(needed)} listed in .metadata); copy the complete folder")
+        actual = shard.stat().st_size
+        if actual < size:
+            raise ConversionError(f"checkpoint shard {str(shard)!r} is truncated: {actual} bytes, but "
+                                  f".metadata needs at least {size}; copy the complete folder")
+
+
+def _model_key_prefix(keys: list[str], step_dir: Path) -> str:
+    """The prefix under which GPTModel's keys are stored ('' for mor_megatron's Checkpointer)."""
+    anchors = sorted((k for k in keys if k.endswith(_ANCHOR)), key=len)
+    if not anchors:
+        raise ConversionError(f"checkpoint {str(step_dir)!r} holds no {_ANCHOR!r}: it is not a GPT model "
+                              "checkpoint (or it holds only a pipeline stage without the embedding)")
+    return anchors[0][: -len(_ANCHOR)]
+
+
+def read_checkpoint(path: str | Path) -> MegatronCheckpoint:
+    """Load the model tensors and job config of a checkpoint (``path``: step folder or save_dir).
+
+    Needs a process group (:func:`lone_process_group`).
+    """
+    from megatron.core import dist_checkpointing
+
+    step_dir = resolve_step_dir(path)
+    check_shard_files(step_dir)
+    common = dist_checkpointing.load_common_state_dict(str(step_dir))
+    if not isinstance(common, dict) or "config" not in common:
+        raise ConversionError(f"checkpoint {str(step_dir)!r} has no job config in its common state; only "
+                              "checkpoints written by mor_megatron's trainer or mor-convert from-hf convert")
+    try:
+        config = config_from_dict(common["config"])
+    except ConfigError as err:
+        raise ConversionError(f"the job config stored in {str(step_dir)!r} is invalid: {err}") from err
+    metadata = dist_checkpointing.load_tensors_metadata(str(step_dir))
+    prefix = _model_key_prefix(list(metadata), step_dir)
+    wanted = {key: sharded for key, sharded in metadata.items()
+              if key.startswith(prefix) and key[len(prefix):].split(".")[0] in _MODEL_ROOTS}
+    try:
+        loaded = dist_checkpointing.load(wanted, str(step_dir))
+    except BaseException as err:  # torch's CheckpointException derives from BaseException
+        if isinstance(err, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise ConversionError(f"cannot read the model tensors of {str(step_dir)!r}: {err}") from err
+    tensors = {key[len(prefix):]: loaded[key].detach().cpu() for key in wanted}
+    loop = common.get("loop") or {}
+    return MegatronCheckpoint(path=step_dir, config=config, tensors=tensors, step=int(loop.get("step", 0)))
+
+
+def write_weights_only(model, output_dir: Path, *, config_dict: dict[str, Any],
+                       source: dict[str, Any]) -> Path:
+    """Publish ``model``'s weights as ``output_dir/step_00000000`` + ``latest`` (loop state step 0).
+
+    The common state holds ``config`` (the job config), ``loop``, ``scheduler`` None, ``weights_only`` True
+    and ``source`` (where the weights came from); there is no optimizer or RNG state. Needs a process group.
+    """
+    from megatron.core import dist_checkpointing
+
+    final = output_dir / step_dir_name(0)
+    tmp = output_dir / f".tmp_{step_dir_name(0)}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    state = {"model": model.sharded_state_dict(), "loop": dict(LoopState().__dict__), "scheduler": None,
+             "config": config_dict, "weights_only": True, "source": source}
+    dist_checkpointing.save(state, str(tmp))
+    os.replace(tmp, final)
+    pointer = output_dir / f".{LATEST_FILE}.tmp"
+    pointer.write_text("0\n")
+    os.replace(pointer, output_dir / LATEST_FILE)
+    return final

@@ -1,0 +1,225 @@
+"""``mor-convert to-hf``: a mor_megatron ``torch_dist`` checkpoint (any TP/PP layout) -> Hugging Face folder.
+
+The folder holds ``model.safetensors`` (or shards plus ``model.safetensors.index.json``), ``config.json``,
+``generation_config.json`` and the tokenizer (``tokenizer.model``, ``tokenizer.json``,
+``tokenizer_config.json``). A vanilla model (one recursion, routing `none`) becomes a plain
+``LlamaForCausalLM``; any other MoR model ships its modeling code (``configuration_mor.py``,
+``modeling_mor.py``) and loads with ``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)``.
+
+The checkpoint's tensors are checked against the job config stored with it (every tensor present, none
+extra, every shape as the config implies) before anything is written.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mor_megatron.config import JobConfig, layer_layout
+from mor_megatron.convert import ConversionError
+from mor_megatron.convert.hf_keys import AttentionShape, megatron_to_hf
+from mor_megatron.convert.megatron_ckpt import MegatronCheckpoint, lone_process_group, read_checkpoint
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ExportSummary:
+    """What :func:`to_hf` wrote."""
+
+    output_dir: str
+    checkpoint: str
+    step: int
+    architecture: str
+    num_tensors: int
+    num_parameters: int
+    safetensors_files: list[str]
+    tokenizer_vocab_size: int | None
+
+
+def attention_shape(config: JobConfig) -> AttentionShape:
+    """Head layout of the model in ``config``."""
+    model = config.model
+    return AttentionShape(num_heads=model.num_attention_heads, num_query_groups=model.num_query_groups,
+                          head_dim=model.head_dim)
+
+
+def is_vanilla(config: JobConfig) -> bool:
+    """One recursion and no routing: the model is a plain Llama stack."""
+    return config.recursion.num_recursions == 1 and config.recursion.routing == "none"
+
+
+def expected_shapes(config: JobConfig) -> dict[str, tuple[int, ...]]:
+    """Megatron checkpoint key -> global shape, for every model tensor ``config`` implies."""
+    model, rec = config.model, config.recursion
+    h, heads, groups, dim, ffn = (model.hidden_size, model.num_attention_heads, model.num_query_groups,
+                                  model.head_dim, model.ffn_hidden_size)
+    shapes: dict[str, tuple[int, ...]] = {"embedding.word_embeddings.weight": (model.vocab_size, h),
+                                          "decoder.final_layernorm.weight": (h,)}
+    if not model.tie_embeddings:
+        shapes["output_layer.weight"] = (model.vocab_size, h)
+    for i in range(layer_layout(model, rec).num_unique_layers):
+        base = f"decoder.layers.{i}."
+        shapes.update({base + "self_attention.linear_qkv.layer_norm_weight": (h,),
+                       base + "self_attention.linear_qkv.weight": ((heads + 2 * groups) * dim, h),
+                       base + "self_attention.linear_proj.weight": (h, heads * dim),
+                       base + "mlp.linear_fc1.layer_norm_weight": (h,),
+                       base + "mlp.linear_fc1.weight": (2 * ffn, h),
+                       base + "mlp.linear_fc2.weight": (h, ffn)})
+    if rec.routing != "none":
+        shapes["decoder.router.weight"] = (rec.num_recursions, h)
+    if rec.routing == "token_choice":
+        shapes["decoder.router.depth_bias"] = (rec.num_recursions,)
+    return shapes
+
+
+def check_tensors(tensors: dict[str, torch.Tensor], config: JobConfig, source: str) -> None:
+    """Raise :class:`ConversionError` unless ``tensors`` are exactly what ``config`` implies."""
+    expected = expected_shapes(config)
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    layout = layer_layout(config.model, config.recursion)
+    summary = (f"model.num_layers={config.model.num_layers}, recursion.num_recursions="
+               f"{config.recursion.num_recursions}, recursion.sharing={config.recursion.sharing!r} -> "
+               f"{layout.num_unique_layers} unique layers; recursion.routing={config.recursion.routing!r}; "
+               f"model.tie_embeddings={config.model.tie_embeddings}")
+    if missing or unexpected:
+        raise ConversionError(f"{source} does not match its config ({summary}): missing tensors {missing[:6]}"
+                              f"{' ...' if len(missing) > 6 else ''}, unexpected tensors {unexpected[:6]}"
+                              f"{' ...' if len(unexpected) > 6 else ''}")
+    for key, shape in expected.items():
+        if tuple(tensors[key].shape) != shape:
+            raise ConversionError(f"{source}: tensor {key!r} has shape {tuple(tensors[key].shape)} but the "
+                                  f"config implies {shape} (model.hidden_size={config.model.hidden_size}, "
+                                  f"model.num_attention_heads={config.model.num_attention_heads}, "
+                                  f"model.num_query_groups={config.model.num_query_groups}, "
+                                  f"model.ffn_hidden_size={config.model.ffn_hidden_size}, "
+                                  f"model.vocab_size={config.model.vocab_size})")
+
+
+def _special_ids() -> dict[str, int]:
+    from mor_megatron.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
+
+    return {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID}
+
+
+def hf_config(config: JobConfig, dtype: torch.dtype):
+    """``LlamaConfig`` for a vanilla model, else ``MoRConfig`` with ``auto_map`` (transformers objects)."""
+    from transformers import LlamaConfig
+
+    from mor_megatron.inference.hf import AUTO_MAP
+    from mor_megatron.inference.hf.configuration_mor import MoRConfig
+
+    model, rec = config.model, config.recursion
+    common = dict(vocab_size=model.vocab_size, hidden_size=model.hidden_size,
+                  intermediate_size=model.ffn_hidden_size, num_attention_heads=model.num_attention_heads,
+                  num_key_value_heads=model.num_query_groups, head_dim=model.head_dim, hidden_act="silu",
+                  rms_norm_eps=model.norm_epsilon, max_position_embeddings=model.max_seq_length,
+                  initializer_range=model.init_method_std, tie_word_embeddings=model.tie_embeddings,
+                  dtype=str(dtype).removeprefix("torch."), **_special_ids())
+    if is_vanilla(config):
+        hf = LlamaConfig(num_hidden_layers=model.num_layers, attention_bias=False, mlp_bias=False,
+                         rope_parameters={"rope_type": "default", "rope_theta": model.rotary_base}, **common)
+        hf.architectures = ["LlamaForCausalLM"]
+        return hf
+    layout = layer_layout(model, rec)
+    hf = MoRConfig(rope_theta=model.rotary_base, num_prefix_layers=layout.num_prefix,
+                   num_shared_layers=layout.num_shared, num_suffix_layers=layout.num_suffix,
+                   num_recursions=rec.num_recursions, sharing=rec.sharing, routing=rec.routing,
+                   kv_mode=rec.kv_mode,
+                   capacities=list(rec.effective_capacities) if rec.routing == "expert_choice" else None,
+                   router_alpha=rec.effective_alpha, router_temperature=rec.router_temperature,
+                   token_balancing=rec.token_balancing, **common)
+    hf.architectures = ["MoRForCausalLM"]
+    hf.auto_map = dict(AUTO_MAP)
+    return hf
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], output_dir: Path,
+                      max_shard_size: int | str) -> list[str]:
+    """``model.safetensors``, or numbered shards plus ``model.safetensors.index.json``; returns file names."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import save_file
+
+    split = split_torch_state_dict_into_shards(tensors, max_shard_size=max_shard_size)
+    for filename, names in split.filename_to_tensors.items():
+        save_file({name: tensors[name].contiguous() for name in names}, str(output_dir / filename),
+                  metadata={"format": "pt"})
+    if split.is_sharded:
+        index = {"metadata": dict(split.metadata), "weight_map": dict(split.tensor_to_filename)}
+        (output_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return sorted(split.filename_to_tensors)
+
+
+def _prepare_output(output_dir: Path, overwrite: bool) -> None:
+    if output_dir.exists() and any(output_dir.iterdir()):
+        if not overwrite:
+            raise ConversionError(f"output folder {str(output_dir)!r} is not empty; choose a new folder or "
+                                  "pass --overwrite")
+        shutil.rmtree(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _resolve_tokenizer(checkpoint: MegatronCheckpoint, tokenizer: str | Path | None) -> Path:
+    if tokenizer is not None:
+        return Path(tokenizer)
+    if checkpoint.config.data.tokenizer is None:
+        raise ConversionError(f"the config of {str(checkpoint.path)!r} names no data.tokenizer; pass "
+                              "--tokenizer PATH or --no-tokenizer")
+    return Path(checkpoint.config.data.tokenizer)
+
+
+def to_hf(checkpoint: str | Path, output_dir: str | Path, *, tokenizer: str | Path | None = None,
+          include_tokenizer: bool = True, dtype: str | None = None, max_shard_size: int | str = "5GB",
+          overwrite: bool = False) -> ExportSummary:
+    """Export ``checkpoint`` (a step folder, or a save_dir whose ``latest`` is used) to ``output_dir``.
+
+    Args:
+        tokenizer: SentencePiece model (file or folder); default: the ``data.tokenizer`` the run used.
+        include_tokenizer: False writes no tokenizer files.
+        dtype: `float32`, `bfloat16` or `float16`; default: the checkpoint's own dtype.
+        max_shard_size: largest safetensors file (bytes or e.g. ``"5GB"``); larger models are sharded.
+        overwrite: replace a non-empty ``output_dir``.
+
+    Raises:
+        ConversionError: missing or partial shards, tensors that do not match the stored config, a
+            tokenizer that does not fit, or a non-empty output folder.
+    """
+    output_dir = Path(output_dir)
+    with lone_process_group():
+        ckpt = read_checkpoint(checkpoint)
+    check_tensors(ckpt.tensors, ckpt.config, f"checkpoint {str(ckpt.path)!r}")
+    if dtype is not None and dtype not in DTYPES:
+        raise ConversionError(f"dtype={dtype!r} is not one of {list(DTYPES)}")
+    target_dtype = DTYPES[dtype] if dtype else ckpt.tensors["embedding.word_embeddings.weight"].dtype
+    tokenizer_path = _resolve_tokenizer(ckpt, tokenizer) if include_tokenizer else None
+    hf_tensors = megatron_to_hf(ckpt.tensors, attention_shape(ckpt.config))
+    # depth_bias stays fp32 (as trained): its small loss-free steps would round away in bf16.
+    hf_tensors = {name: t if name.endswith("depth_bias") else t.to(target_dtype)
+                  for name, t in hf_tensors.items()}
+    _prepare_output(output_dir, overwrite)
+    config = hf_config(ckpt.config, target_dtype)
+    config.save_pretrained(str(output_dir))
+    if not is_vanilla(ckpt.config):
+        from mor_megatron.inference.hf import MODELING_FILES, source_dir
+
+        for name in MODELING_FILES:
+            shutil.copyfile(source_dir() / name, output_dir / name)
+    files = write_safetensors(hf_tensors, output_dir, max_shard_size)
+    from transformers import GenerationConfig
+
+    GenerationConfig(do_sample=False, **_special_ids()).save_pretrained(str(output_dir))
+    vocab = None
+    if tokenizer_path is not None:
+        from mor_megatron.convert.hf_tokenizer import export_tokenizer
+
+        vocab = export_tokenizer(tokenizer_path, output_dir, vocab_size=ckpt.config.model.vocab_size,
+                                 model_max_length=ckpt.config.model.max_seq_length)
+    return ExportSummary(output_dir=str(output_dir), checkpoint=str(ckpt.path), step=ckpt.step,
+                         architecture=config.architectures[0], num_tensors=len(hf_tensors),
+                         num_parameters=sum(t.numel() for t in hf_tensors.values()), safetensors_files=files,
+                         tokenizer_vocab_size=vocab)
