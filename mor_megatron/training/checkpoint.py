@@ -134,6 +134,7 @@ class Checkpointer:
         state["loop"] = dict(loop.__dict__)
         state["layout"] = self._layout()
         state["config"] = config_dict
+        state["weights_only"] = optimizer is None
         dist_checkpointing.save(state, str(tmp))
         dist.barrier()
         if is_writer:
@@ -171,6 +172,9 @@ class Checkpointer:
         if not (path / "metadata.json").is_file():
             raise CheckpointError(f"checkpoint {path} is incomplete (no metadata.json)")
         common = dist_checkpointing.load_common_state_dict(str(path))
+        if common.get("weights_only"):  # e.g. `mor-convert from-hf` output: an up-training start
+            logger.info("checkpoint %s holds model weights only: optimizer and LR schedule start fresh", path)
+            optimizer = scheduler = None
         same_layout = common.get("layout") == self._layout()
         if optimizer is not None:
             _materialize_optimizer_state(optimizer)
@@ -184,6 +188,7 @@ class Checkpointer:
             module.load_state_dict(loaded["model" if len(model_chunks) == 1 else f"model{i}"], strict=True)
         if optimizer is not None:
             optimizer.load_state_dict(loaded["optimizer"])
+            _unshare_adam_steps(optimizer)
         if scheduler is not None and loaded.get("scheduler") is not None:
             scheduler.load_state_dict(loaded["scheduler"])
         if same_layout:
@@ -210,6 +215,20 @@ def _materialize_optimizer_state(optimizer) -> None:
                     state["step"] = torch.zeros((), dtype=torch.float32)
                     state["exp_avg"] = torch.zeros_like(param.data)
                     state["exp_avg_sq"] = torch.zeros_like(param.data)
+
+
+def _unshare_adam_steps(optimizer) -> None:
+    """Give every parameter its own Adam ``step`` tensor after a load.
+
+    Without Apex or Transformer Engine, megatron-core 0.16.1 ``DistributedOptimizer.load_state_dict`` puts one
+    ``step`` tensor into the state of every parameter, and torch's AdamW increments each parameter's step in
+    place, so the shared counter advanced once per parameter per optimizer step (4 -> 10 after one step on a
+    tiny model): bias correction went wrong and a resumed run left the uninterrupted one from its second step.
+    """
+    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+        for state in part.optimizer.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
 
 
 def _rng_state() -> dict[str, Any]:

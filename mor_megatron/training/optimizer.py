@@ -81,4 +81,8 @@ def build_scheduler(optim: OptimConfig, optimizer: MegatronOptimizer, *, train_s
         wd_incr_style="constant",
         wsd_decay_steps=wsd_steps,
         lr_wsd_decay_style="linear" if wsd_steps else None,
+        # On resume the job's config wins over the checkpoint's schedule (megatron's default keeps the old
+        # values silently): a lowered optim.lr or a longer train.train_steps takes effect; the step count is
+        # still restored from the checkpoint.
+        override_opt_param_scheduler=True,
     )

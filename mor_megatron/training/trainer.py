@@ -25,6 +25,7 @@ from mor_megatron.runtime import DistributedContext
 from mor_megatron.training import metrics as M
 from mor_megatron.training.checkpoint import LoopState
 from mor_megatron.training.engine import Batches, Engine
+from mor_megatron.training.evaluate import validation_metrics
 from mor_megatron.training.tracking import MetricSink, start_tracking
 
 EngineFactory = Callable[[JobConfig, DistributedContext], Engine]
@@ -70,17 +71,8 @@ class Trainer:
                                       consumed_samples=consumed_samples, num_workers=self.config.data.num_workers))
 
     def evaluate(self) -> dict[str, float]:
-        """Validation loss with training (top-k) routing and, for expert-choice, causal routing.
-
-        Token-choice and plain recursion are causal by construction, so their two losses are one computation.
-        Every evaluation reads the same validation batches, so the curve compares like with like.
-        """
-        steps = self.config.train.eval_steps
-        modes = ["topk", "causal"] if self.config.recursion.routing == "expert_choice" else ["topk"]
-        losses = {mode: self.engine.eval_loss(self._batches(self.valid_ds, 0), num_batches=steps, routing_mode=mode)
-                  for mode in modes}
-        self.engine.model.pop_router_stats()  # evaluation must not leak into the training router statistics
-        return M.validation_metrics(loss=losses["topk"], loss_causal=losses.get("causal", losses["topk"]))
+        """Validation loss and perplexity with training (top-k) and causal routing (see ``evaluate``)."""
+        return validation_metrics(self.engine, self.valid_ds, self.config, self.ctx)
 
     def train(self) -> LoopState:
         """Run until ``train.train_steps``; evaluates, logs and checkpoints on their intervals."""

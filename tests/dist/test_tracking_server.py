@@ -9,45 +9,25 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from tests.dist.launch import run_ranks
+from tests.dist.mlflow_server import MlflowServer, mlflow_server
 
 pytestmark = [pytest.mark.dist, pytest.mark.timeout(180)]
 
-_SCRIPT = Path(__file__).resolve().parents[2] / "tools" / "mlflow_server.sh"
 _STEPS = 6
 _CONFIG = {"model": {"hidden_size": 64, "num_layers": 4}, "train": {"train_steps": _STEPS}}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
-def mlflow_server(tmp_path):
-    """(tracking URI, state dir) of a fresh server on a free loopback port; always stopped afterwards."""
-    state = tmp_path / "server"
-    env = {**os.environ, "MLFLOW_BIN": str(Path(sys.executable).with_name("mlflow"))}
-    try:
-        command = [str(_SCRIPT), "--dir", str(state), "--port", str(_free_port()), "--wait", "60"]
-        started = subprocess.run(command, capture_output=True, text=True, timeout=90, env=env, check=False)
-        if started.returncode != 0:
-            pytest.fail(f"mlflow server did not start:\n{started.stderr}")
-        yield started.stdout.strip().removeprefix("export MLFLOW_TRACKING_URI="), state
-    finally:
-        subprocess.run([str(_SCRIPT), "--stop", "--dir", str(state)], capture_output=True, timeout=30,
-                       check=False)
+def server(tmp_path):
+    """A fresh ``mlflow server`` on a free loopback port; always stopped afterwards."""
+    with mlflow_server(tmp_path / "server") as running:
+        yield running
 
 
 class _Collect(logging.Handler):
@@ -60,7 +40,7 @@ class _Collect(logging.Handler):
 
 
 def _simulate_training(rank: int, world_size: int, *, tracking_uri: str, run_dir: str,
-                       kill_pid_file: str | None = None, kill_after_step: int | None = None) -> dict:
+                       kill_server: MlflowServer | None = None, kill_after_step: int | None = None) -> dict:
     """A few fake training steps that go through the real tracking API; rank 0 logs, each rank is a node."""
     import torch
     import torch.distributed as dist
@@ -100,7 +80,7 @@ def _simulate_training(rank: int, world_size: int, *, tracking_uri: str, run_dir
             sink.log_metrics(metrics, step)
             logged[step] = sorted(metrics)
         if rank == 0 and step == kill_after_step:
-            os.killpg(int(Path(kill_pid_file).read_text()), signal.SIGKILL)
+            kill_server.kill()
     close_start = time.monotonic()
     sink.close()
     return {"run_id": run_id, "warnings": collect.messages, "logged": logged,
@@ -112,12 +92,12 @@ def _metric_lines(path: Path) -> dict[int, dict[str, float]]:
     return {line["step"]: line["metrics"] for line in lines if line["kind"] == "metrics"}
 
 
-def test_one_run_with_metrics_and_system_metrics_per_node(mlflow_server, tmp_path):
+def test_one_run_with_metrics_and_system_metrics_per_node(server, tmp_path):
     from mlflow.tracking import MlflowClient
 
     from mor_megatron.training import metrics as m
 
-    uri, _ = mlflow_server
+    uri = server.uri
     results = run_ranks(_simulate_training, 2, tmp_path / "ranks", timeout_s=120, tracking_uri=uri,
                         run_dir=str(tmp_path / "run"))
     run_id = results[0]["run_id"]
@@ -148,10 +128,10 @@ def test_one_run_with_metrics_and_system_metrics_per_node(mlflow_server, tmp_pat
     assert _metric_lines(tmp_path / "run" / "metrics.jsonl").keys() == set(every)
 
 
-def test_server_killed_mid_run_training_finishes_with_jsonl_complete(mlflow_server, tmp_path):
-    uri, state = mlflow_server
+def test_server_killed_mid_run_training_finishes_with_jsonl_complete(server, tmp_path):
+    uri = server.uri
     results = run_ranks(_simulate_training, 2, tmp_path / "ranks", timeout_s=120, tracking_uri=uri,
-                        run_dir=str(tmp_path / "run"), kill_pid_file=str(state / "server.pid"),
+                        run_dir=str(tmp_path / "run"), kill_server=server,
                         kill_after_step=2)
     # run_ranks raises unless every rank exited with code 0.
     logged = results[0]["logged"]
