@@ -1,1 +1,1 @@
-"""Inference: sampling from checkpoints (and, later, the exported HF model and the depth-wise batching engine)."""
+"""Inference: Hugging Face modeling code for exported MoR models (``hf/``), the continuous depth-wise batching engine (``engine``), and sampling from training checkpoints (``sample``)."""

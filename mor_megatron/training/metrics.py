@@ -52,6 +52,9 @@ VAL_LOSS_CAUSAL = "val/loss_causal"
 VAL_PPL_CAUSAL = "val/ppl_causal"
 
 TIME_TRAIN_S = "time/train_s"
+MODEL_PARAMS_STAGE_PREFIX = "model/params_per_tp_rank/stage"
+"""+ pipeline stage index: parameters one TP rank of that stage holds (logged once, at the start)."""
+MODEL_PARAMS_TOTAL = "model/params_per_tp_rank/total"
 """Cumulative training wall time in seconds (continues across resumes; evaluation excluded)."""
 
 ROUTER_PREFIX = "router/"

@@ -61,6 +61,7 @@ class Trainer:
             retry_after_s=tracking.retry_after_s, close_timeout_s=tracking.close_timeout_s)
         self.flops_per_token = flops_per_token(cfg.model, cfg.recursion,
                                                cfg.seq_length).training_flops_per_token_with_lm_head
+        self._emit(self._parameter_counts())
         if self.engine.is_logging_rank:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(dump_config(cfg))
@@ -117,6 +118,18 @@ class Trainer:
             f"learning rate: {values[M.OPTIM_LR]:.3E} | global batch size: {cfg.train.global_batch_size:5d} | "
             f"lm loss: {values[M.TRAIN_LM_LOSS]:.6E} | grad norm: {values[M.OPTIM_GRAD_NORM]:.3f} | "
             f"tokens/s: {values[M.PERF_TOKENS_PER_S]:.0f}")
+
+    def _parameter_counts(self) -> dict[str, float]:
+        """Parameters held by each pipeline stage (this TP rank's shard) and the stages' sum (collective)."""
+        local = sum(p.numel() for p in self.engine.model.parameters())
+        counts = [0] * self.ctx.dims.pp
+        if self.ctx.dims.pp > 1:
+            dist.all_gather_object(counts, local, group=parallel_state.get_pipeline_model_parallel_group())
+        else:
+            counts = [local]
+        values = {f"{M.MODEL_PARAMS_STAGE_PREFIX}{stage}": float(n) for stage, n in enumerate(counts)}
+        values[M.MODEL_PARAMS_TOTAL] = float(sum(counts))
+        return values
 
     def _peak_flops(self) -> float | None:
         configured = self.config.tracking.peak_tflops

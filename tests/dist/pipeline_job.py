@@ -23,7 +23,7 @@ def job_config(preset: str, *, tp: int, pp: int, overrides: dict | None = None, 
         "train": {"seq_length": 32, "micro_batch_size": 2, "global_batch_size": 8, "train_steps": 5},
         "optim": {"lr": 1e-3, "warmup_steps": 0, "schedule": "constant"},
         "parallel": {"tensor_parallel_size": tp, "pipeline_parallel_size": pp,
-                     "use_distributed_optimizer": True},
+                     "use_distributed_optimizer": True, **(overrides or {}).get("parallel", {})},
         "checkpoint": {"save_dir": save_dir, "keep_last": 1},
         "tracking": {"enabled": False},
     }
