@@ -85,4 +85,5 @@ def build_scheduler(optim: OptimConfig, optimizer: MegatronOptimizer, *, train_s
         # values silently): a lowered optim.lr or a longer train.train_steps takes effect; the step count is
         # still restored from the checkpoint.
         override_opt_param_scheduler=True,
+        use_checkpoint_opt_param_scheduler=False,
     )

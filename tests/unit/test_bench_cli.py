@@ -1,0 +1,55 @@
+"""``mor-bench model`` and ``mor-bench train`` at toy sizes: they run, print the documented JSON keys with
+positive values, and refuse a bad preset. Speed is not asserted (a benchmark, on a shared machine).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = ["--hidden-size", "64", "--seq-length", "32", "--batch-size", "2", "--json"]
+
+
+def _bench(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "mor_megatron.cli.bench", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300, check=False)
+
+
+def _json_line(result: subprocess.CompletedProcess) -> dict:
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_model_prints_times_and_ratios():
+    values = _json_line(_bench("model", *TINY, "--repeats", "1"))
+    for key in ("mor_step_s", "vanilla_step_s", "time_ratio", "flops_ratio"):
+        assert values[key] > 0, key
+
+
+def test_train_prints_time_memory_and_ratios():
+    values = _json_line(_bench("train", *TINY, "--steps", "2", "--warmup-steps", "0"))
+    assert values["device"] == "cpu" and values["steps"] == 2 and values["tokens_per_step"] == 64
+    for model in ("mor", "vanilla"):
+        for key in ("step_s", "step_cpu_s", "tokens_per_s", "peak_mib", "resident_mib", "step_peak_mib",
+                    "final_loss", "parameters"):
+            assert values[f"{model}_{key}"] > 0, f"{model}_{key}"
+        assert values[f"{model}_peak_mib"] == pytest.approx(
+            values[f"{model}_resident_mib"] + values[f"{model}_step_peak_mib"])
+    for key in ("time_ratio", "cpu_time_ratio", "memory_ratio", "flops_ratio"):
+        assert values[key] > 0, key
+    # Same unrolled depth, fewer unique layers: MoR holds fewer parameters and runs fewer FLOPs per token.
+    assert values["mor_parameters"] < values["vanilla_parameters"]
+    assert values["flops_ratio"] < 1
+
+
+def test_train_refuses_an_unknown_preset():
+    result = _bench("train", "--preset", "tiny-mor-e-r9", *TINY, "--steps", "1")
+    assert result.returncode == 2
+    assert "unknown preset 'tiny-mor-e-r9'" in result.stderr
