@@ -10,9 +10,10 @@ import torch
 from mor_megatron.config import ParallelConfig
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def pg_collection(tmp_path_factory):
-    """megatron ProcessGroupCollection of a 1-rank world, built once per test session."""
+    """megatron ProcessGroupCollection of a 1-rank world, per test module (torn down after it, so tests
+    elsewhere that assert there is no process group are not affected)."""
     from mor_megatron.runtime import destroy_distributed, init_distributed
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
