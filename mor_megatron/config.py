@@ -282,15 +282,14 @@ class DeepSpeedConfig:
     config: str | None = None
     """DeepSpeed JSON, e.g. configs/deepspeed/zero2.json; None: ZeRO with DeepSpeed's defaults."""
     zero_stage: int | None = None
-    """Overrides zero_optimization.stage of the JSON (0-3); None: the JSON's stage, else 1."""
+    """Overrides zero_optimization.stage of the JSON (1-3); None: the JSON's stage, else 1."""
     offload: bool = False
     """Optimizer states (stage 3: also parameters) in CPU memory, updated by DeepSpeedCPUAdam (C++ build)."""
 
     def __post_init__(self) -> None:
-        _require(self.zero_stage is None or self.zero_stage in (0, 1, 2, 3),
-                 f"deepspeed.zero_stage must be 0, 1, 2 or 3 (or null for the JSON's stage), got {self.zero_stage!r}")
-        _require(not (self.offload and self.zero_stage == 0),
-                 "deepspeed.offload needs ZeRO: set deepspeed.zero_stage to 1, 2 or 3")
+        _require(self.zero_stage is None or self.zero_stage in (1, 2, 3),
+                 f"deepspeed.zero_stage must be 1, 2 or 3 (or null for the JSON's stage), got {self.zero_stage!r}; "
+                 "for plain data parallelism use the Megatron path (mor-pretrain)")
 
 
 @dataclass(kw_only=True)
