@@ -53,7 +53,7 @@ VAL_PPL_CAUSAL = "val/ppl_causal"
 
 TIME_TRAIN_S = "time/train_s"
 MODEL_PARAMS_STAGE_PREFIX = "model/params_per_tp_rank/stage"
-"""+ pipeline stage index: parameters one TP rank of that stage holds (logged once, at the start)."""
+"""+ pipeline stage index: parameters one TP rank of that stage holds (logged once, as a run parameter)."""
 MODEL_PARAMS_TOTAL = "model/params_per_tp_rank/total"
 """Cumulative training wall time in seconds (continues across resumes; evaluation excluded)."""
 

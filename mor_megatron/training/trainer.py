@@ -61,7 +61,8 @@ class Trainer:
             retry_after_s=tracking.retry_after_s, close_timeout_s=tracking.close_timeout_s)
         self.flops_per_token = flops_per_token(cfg.model, cfg.recursion,
                                                cfg.seq_length).training_flops_per_token_with_lm_head
-        self._emit(self._parameter_counts())
+        if self.sink is not None:
+            self.sink.log_params({key: str(int(value)) for key, value in self._parameter_counts().items()})
         if self.engine.is_logging_rank:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(dump_config(cfg))
@@ -120,8 +121,11 @@ class Trainer:
             f"tokens/s: {values[M.PERF_TOKENS_PER_S]:.0f}")
 
     def _parameter_counts(self) -> dict[str, float]:
-        """Parameters held by each pipeline stage (this TP rank's shard) and the stages' sum (collective)."""
-        local = sum(p.numel() for p in self.engine.model.parameters())
+        """Parameters held by each pipeline stage (this TP rank's shard) and the stages' sum (collective).
+
+        Logged once as run parameters (they do not change during training)."""
+        # Under DeepSpeed ZeRO-3 a parameter holds only its partition; ds_numel is its full size.
+        local = sum(getattr(p, "ds_numel", p.numel()) for p in self.engine.model.parameters())
         counts = [0] * self.ctx.dims.pp
         if self.ctx.dims.pp > 1:
             dist.all_gather_object(counts, local, group=parallel_state.get_pipeline_model_parallel_group())
