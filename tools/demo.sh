@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The embedded demo, end to end on CPU: Python-stdlib corpus -> SentencePiece tokenizer -> Megatron .bin/.idx
-# -> a tiny MoR-E (N_r = 3) trained on 2 gloo processes with torchrun -> local MLflow run -> greedy samples.
+# -> a tiny MoR-E (N_r = 3) trained on 2 gloo processes with torchrun -> local MLflow run -> greedy samples
+# -> Hugging Face export -> generate() with the recursion-wise KV cache.
 # Usage: bash tools/demo.sh [key=value overrides for configs/demo.yaml ...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,11 +23,23 @@ $PY -m mor_megatron.pretrain --check "${ARGS[@]}"
   -m mor_megatron.pretrain "${ARGS[@]}" 2> "$RUN/train.stderr.log"
 $PY -m mor_megatron.inference.sample --run-dir "$RUN" --prompt "def " --prompt "import " --max-new-tokens 40 \
   2> "$RUN/sample.stderr.log"
+# Serving format: a Hugging Face folder with the MoR modeling code, then generate() with the recursion-wise KV cache.
+$PY -m mor_megatron.cli.convert to-hf "$RUN/checkpoints" "$RUN/hf" --overwrite 2> "$RUN/convert.stderr.log"
+$PY - "$RUN/hf" <<'PYEOF' 2> "$RUN/hf_generate.stderr.log"
+import sys
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)
+tokenizer = AutoTokenizer.from_pretrained(sys.argv[1], trust_remote_code=True)
+ids = tokenizer(["class "], return_tensors="pt")
+out = model.generate(**ids, max_new_tokens=30, do_sample=False)
+print("--- exported model, generate():", repr(tokenizer.decode(out[0], skip_special_tokens=True)))
+PYEOF
 cat <<SUMMARY
 ================================================================================================
 demo finished
   run directory : $RUN   (config.yaml, metrics.jsonl, logs)
   checkpoints   : $RUN/checkpoints   (rerun the same command to resume)
+  HF export     : $RUN/hf   (AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True))
   MLflow        : .venv/bin/mlflow ui --backend-store-uri sqlite:///$RUN/mlflow.db   -> http://127.0.0.1:5000
 ================================================================================================
 SUMMARY
