@@ -61,6 +61,8 @@ def _parser() -> argparse.ArgumentParser:
     to_hf.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
     to_hf.set_defaults(run=_to_hf)
 
+    commands.add_parser("from-deepspeed", help="DeepSpeed ZeRO checkpoint (any stage) -> Megatron checkpoint "
+                        "(see `mor-convert from-deepspeed --help`)")
     from_hf = commands.add_parser("from-hf", help="Llama Hugging Face model -> MoR checkpoint (up-training)",
                                   description="Initialise a MoR model from a Llama-architecture model with "
                                   "Relaxed Recursive Transformers initialisation; writes a weights-only "
@@ -81,6 +83,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``mor-convert``; returns the exit status (0, or 2 on bad input)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "from-deepspeed":  # its own command line: DS_CKPT OUT_DIR
+        from mor_megatron.convert.deepspeed_to_megatron import main as from_deepspeed
+
+        return from_deepspeed(argv[1:])
     parser = _parser()
     # KEY=VALUE overrides may come before or after --preset/--init: argparse leaves those after an option as
     # unknown arguments of a nargs="*" positional, so they are collected here.

@@ -1,0 +1,295 @@
+"""The DeepSpeed ZeRO training backend: the MoR model in ``deepspeed.initialize``, ZeRO stages 1-3, TP through an mpu.
+
+Same model, data, loss, optimizer grouping and LR schedule as :class:`~mor_megatron.training.megatron_engine.
+MegatronEngine`, so that the two backends give the same losses from the same initial weights:
+
+* model: built exactly like the Megatron path (same config, same seed, CPU initialisation on CPU), so both start
+  from the same weights. ZeRO-3 partitions the built module in ``deepspeed.initialize`` (no ``zero.Init``):
+  parameters reused R times per forward (the shared recursion block) are gathered on every use and released
+  after it, and the router weights, read through methods rather than module calls, are registered by DeepSpeed
+  as external parameters of the decoder on first use.
+* optimizer: AdamW over megatron-core's own parameter groups (no weight decay on 1-D parameters and biases), built
+  by DeepSpeed from the ``optimizer`` section that :mod:`~mor_megatron.training.deepspeed_config` writes.
+* schedule: megatron-core's ``OptimizerParamScheduler`` on the ZeRO optimizer's param groups, stepped once per
+  optimizer step after it, exactly as on the Megatron path (DeepSpeed never sees it).
+* loss: the masked mean per micro-batch; ``engine.backward`` divides it by the gradient-accumulation steps and
+  the router losses get ``1 / num_microbatches`` in backward, as megatron's schedules do.
+* tensor parallelism: :class:`MegatronMpu` gives DeepSpeed megatron-core's TP and DP groups (gradient
+  all-reduce and ZeRO partitions over DP, the grad norm over TP). Pipeline parallelism is refused.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from mor_megatron.config import JobConfig
+from mor_megatron.model.builder import build_model, transformer_config
+from mor_megatron.model.gpt import MoRGPTModel
+from mor_megatron.runtime import DistributedContext
+from mor_megatron.training import deepspeed_checkpoint as ds_ckpt
+from mor_megatron.training import metrics as M
+from mor_megatron.training.checkpoint import CheckpointError, LoopState, _rng_state, _set_rng_state, step_dir_name
+from mor_megatron.training.deepspeed_config import build_deepspeed_config, write_deepspeed_config
+from mor_megatron.training.engine import Batches
+from mor_megatron.training.megatron_engine import (
+    TrainingDiverged,
+    mean_over_world,
+    num_microbatches,
+    resolve_params_dtype,
+)
+from mor_megatron.training.optimizer import build_scheduler
+from mor_megatron.training.step import masked_mean_loss, move_batch
+
+
+class MegatronMpu:
+    """The ``mpu`` that DeepSpeed expects, over megatron-core's process groups (legacy "model parallel" = TP).
+
+    DeepSpeed 0.19 calls ``get_model_parallel_{rank,world_size,group}`` (which megatron-core 0.16 no longer has,
+    and whose megatron-core ``get_model_parallel_group`` would be TP x PP), the data-parallel and tensor-parallel
+    getters, and the pipeline getters for checkpoint names. With PP = 1 model parallel means tensor parallel.
+    """
+
+    def __init__(self, pg_collection):
+        self._tp, self._dp, self._pp = pg_collection.tp, pg_collection.dp, pg_collection.pp
+
+    def get_model_parallel_rank(self) -> int:
+        return dist.get_rank(self._tp)
+
+    def get_model_parallel_world_size(self) -> int:
+        return dist.get_world_size(self._tp)
+
+    def get_model_parallel_group(self):
+        return self._tp
+
+    get_tensor_model_parallel_rank = get_model_parallel_rank
+    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+    get_tensor_model_parallel_group = get_model_parallel_group
+
+    def get_tensor_model_parallel_src_rank(self) -> int:
+        """Global rank of TP rank 0 in this rank's TP group."""
+        return dist.get_global_rank(self._tp, 0)
+
+    def get_data_parallel_rank(self) -> int:
+        return dist.get_rank(self._dp)
+
+    def get_data_parallel_world_size(self) -> int:
+        return dist.get_world_size(self._dp)
+
+    def get_data_parallel_group(self):
+        return self._dp
+
+    def get_data_parallel_group_ranks(self) -> list[int]:
+        return dist.get_process_group_ranks(self._dp)
+
+    def get_pipeline_model_parallel_rank(self) -> int:
+        return dist.get_rank(self._pp)
+
+    def get_pipeline_model_parallel_world_size(self) -> int:
+        return dist.get_world_size(self._pp)
+
+    def get_pipeline_model_parallel_group(self):
+        return self._pp
+
+
+def import_deepspeed(device: torch.device, local_rank: int):
+    """Import DeepSpeed for ``device`` and join the existing process group; returns the ``deepspeed`` module.
+
+    DeepSpeed insists on ``LOCAL_RANK`` in the environment, which a single process or ``srun`` without torchrun
+    does not set; it is set from the launcher environment that :mod:`mor_megatron.runtime` already read.
+
+    On CPU: ``DS_ACCELERATOR=cpu`` (unless set), and DeepSpeed's shared-memory communication op is not built.
+    DeepSpeed compiles that C++ op (about a minute on two cores) every time its communication backend starts on
+    CPU, and it serves only ``inference_all_reduce`` (AutoTP inference), which training never calls; without a
+    compiler the build would even fail the job. The optimizer ops are avoided too (torch AdamW, see
+    :mod:`~mor_megatron.training.deepspeed_config`); only ``deepspeed.offload`` builds ``cpu_adam`` once, into
+    ``TORCH_EXTENSIONS_DIR`` (tools/launch_deepspeed.sh points it at the repository's ``.cache/``).
+    """
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.setdefault("LOCAL_RANK", str(local_rank))
+    import deepspeed
+
+    if device.type == "cpu":
+        # `import deepspeed.comm.torch as m` would bind the torch package (deepspeed.comm re-exports it).
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    deepspeed.init_distributed(dist_backend=dist.get_backend(), dist_init_required=False)
+    return deepspeed
+
+
+def megatron_param_groups(model: torch.nn.Module, config: JobConfig) -> list[dict[str, Any]]:
+    """megatron-core's optimizer parameter groups for ``model`` (the Megatron path's grouping, by construction).
+
+    Keys besides ``params``: ``wd_mult`` (0 for 1-D parameters and biases), ``lr_mult``, ``max_lr``,
+    ``min_lr``, which megatron's ``OptimizerParamScheduler`` reads. Collective (megatron aligns the groups
+    across ranks).
+    """
+    from megatron.core.optimizer import OptimizerConfig, _get_param_groups
+
+    optim = config.optim
+    mcore = OptimizerConfig(optimizer="adam", lr=optim.lr, min_lr=optim.min_lr, weight_decay=optim.weight_decay,
+                            adam_beta1=optim.adam_beta1, adam_beta2=optim.adam_beta2, adam_eps=optim.adam_eps)
+    # Private in megatron-core 0.16.1 (pinned); get_megatron_optimizer uses exactly this function.
+    return _get_param_groups([model], mcore, None)
+
+
+class DeepSpeedEngine:
+    """The MoR model in a DeepSpeed engine (ZeRO stage from the config), satisfying the Engine protocol.
+
+    Args:
+        config: the job's config (``deepspeed`` section: JSON, stage override, offload).
+        ctx: from :func:`mor_megatron.runtime.init_distributed` (process group and megatron groups exist).
+
+    Raises:
+        ConfigError: the DeepSpeed JSON conflicts with the config (see ``deepspeed_config``).
+    """
+
+    def __init__(self, config: JobConfig, ctx: DistributedContext):
+        self.config = config
+        self.ctx = ctx
+        self.params_dtype = resolve_params_dtype(config.train.precision, ctx.device)
+        self.num_microbatches = num_microbatches(config, ctx.dims.dp)
+        self.ds_config = build_deepspeed_config(config, data_parallel_size=ctx.dims.dp, device_type=ctx.device.type)
+        self.zero_stage = self.ds_config["zero_optimization"]["stage"]
+        deepspeed = import_deepspeed(ctx.device, ctx.local_rank)
+        module = self._build_model()
+        self.ds, _, _, _ = deepspeed.initialize(
+            model=module, model_parameters=megatron_param_groups(module, config), mpu=MegatronMpu(ctx.pg_collection),
+            config=self.ds_config, dist_init_required=False)
+        self.scheduler = build_scheduler(config.optim, self.ds.optimizer, train_steps=config.train.train_steps)
+        ckpt = config.checkpoint
+        self.save_root = Path(ckpt.save_dir) if ckpt.save_dir else None
+        self.load_root = Path(ckpt.load_dir) if ckpt.load_dir else self.save_root
+        if self.is_logging_rank:
+            write_deepspeed_config(self.ds_config, Path(config.output_dir) / "deepspeed_config.json")
+
+    def _build_model(self) -> torch.nn.Module:
+        """The MoR model as on the Megatron path (same seed state, same init), Float16Module-wrapped for bf16."""
+        from megatron.core.transformer.module import Float16Module
+
+        cfg = self.config
+        mcore_config = transformer_config(cfg.model, cfg.recursion, cfg.parallel, params_dtype=self.params_dtype,
+                                          use_cpu_initialization=self.ctx.device.type == "cpu",
+                                          recompute=cfg.train.recompute)
+        model = build_model(cfg.model, cfg.recursion, mcore_config, pg_collection=self.ctx.pg_collection)
+        model.set_aux_loss_scale(1.0 / self.num_microbatches)
+        model.to(self.ctx.device)
+        return Float16Module(mcore_config, model) if self.params_dtype == torch.bfloat16 else model
+
+    # -- Engine protocol ---------------------------------------------------------------------------------------
+    @property
+    def model(self) -> MoRGPTModel:
+        """The MoR model inside the DeepSpeed engine (under ZeRO-3 its parameters are partitions)."""
+        module = self.ds.module
+        return module if isinstance(module, MoRGPTModel) else module.module  # bf16: inside Float16Module
+
+    @property
+    def is_logging_rank(self) -> bool:
+        """Data-parallel and tensor-parallel rank 0 (there is no pipeline on this path)."""
+        return self.ctx.dp_rank == 0 and self.ctx.tp_rank == 0
+
+    def _micro_batch_loss(self, batch: dict[str, torch.Tensor], routing_mode: str) -> torch.Tensor:
+        batch = move_batch(batch, self.ctx.device)
+        per_token = self.ds(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
+                            routing_mode=routing_mode)
+        loss, _ = masked_mean_loss(batch["loss_mask"], per_token)
+        return loss
+
+    def train_step(self, batches: Batches) -> dict[str, float]:
+        """One optimizer step over ``num_microbatches`` micro-batches per rank (see the Engine protocol)."""
+        self.ds.train()
+        losses = []
+        for _ in range(self.num_microbatches):
+            loss = self._micro_batch_loss(next(batches), "topk")
+            self.ds.backward(loss)
+            self.ds.step()  # an optimizer step only at the gradient-accumulation boundary (the last micro-batch)
+            losses.append(float(loss.detach()))
+        grad_norm = self.ds.get_global_grad_norm()
+        self.scheduler.step(increment=1)
+        self.model.update_router_bias(self.config.recursion.bias_update_rate, self.ctx.pg_collection.dp)
+        loss = mean_over_world(losses, self.ctx.device)
+        grad_norm = float(grad_norm) if grad_norm is not None else math.nan
+        if not math.isfinite(loss) or not math.isfinite(grad_norm):
+            raise TrainingDiverged(
+                f"lm loss {loss} / grad norm {grad_norm} is not finite; lower optim.lr (now {self.config.optim.lr}) "
+                f"or resume from the last checkpoint in {self.config.checkpoint.save_dir}")
+        return {M.TRAIN_LM_LOSS: loss, M.OPTIM_GRAD_NORM: grad_norm,
+                M.OPTIM_LR: self.ds.optimizer.param_groups[0]["lr"]}
+
+    def eval_loss(self, batches: Batches, *, num_batches: int, routing_mode: str) -> float:
+        """Mean LM loss over ``num_batches`` global batches, forward only (see the Engine protocol)."""
+        self.ds.eval()
+        with torch.no_grad():
+            losses = [float(self._micro_batch_loss(next(batches), routing_mode))
+                      for _ in range(num_batches * self.num_microbatches)]
+        if self.zero_stage == 3:
+            # ZeRO-3 keeps parameters that its (training) trace expects back in a backward pass gathered after
+            # their forward; evaluation never runs that backward, so they would stay gathered until training
+            # resumes. Release them now (the trace itself stays valid).
+            self.ds.empty_partition_cache()
+        return mean_over_world(losses, self.ctx.device)
+
+    def _layout(self) -> dict[str, int]:
+        dims = self.ctx.dims
+        return {"tp": dims.tp, "pp": dims.pp, "dp": dims.dp, "zero_stage": self.zero_stage}
+
+    def save(self, step: int, loop: LoopState, config_dict: dict[str, Any]) -> str:
+        """DeepSpeed checkpoint of ``step`` (see :mod:`~mor_megatron.training.deepspeed_checkpoint`)."""
+        if self.save_root is None:
+            raise CheckpointError("checkpoint.save_dir is not set")
+        tag = ds_ckpt.tmp_tag(step)
+        is_writer = dist.get_rank() == 0
+        if is_writer:
+            self.save_root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(self.save_root / tag, ignore_errors=True)
+        dist.barrier()
+        loop_state = dict(loop.__dict__)
+        self.ds.save_checkpoint(str(self.save_root), tag=tag, save_latest=False,
+                                client_state={"loop": loop_state, "scheduler": self.scheduler.state_dict()})
+        torch.save(_rng_state(), self.save_root / tag / f"rng_state_{dist.get_rank():05d}.pt")
+        dist.barrier()
+        final = self.save_root / step_dir_name(step)
+        if is_writer:
+            meta = {"step": step, "layout": self._layout(), "loop": loop_state, "config": config_dict}
+            ds_ckpt.publish(self.save_root, step, meta, keep_last=self.config.checkpoint.keep_last)
+        dist.barrier()
+        return str(final)
+
+    def resume(self) -> LoopState | None:
+        """Load the latest complete checkpoint under ``checkpoint.load_dir`` (default ``save_dir``).
+
+        Raises:
+            CheckpointError: it was saved with another TP/DP layout or across the ZeRO-3 boundary (ZeRO
+                partitions are tied to both); convert it with ``mor_megatron.convert.deepspeed_to_megatron``.
+        """
+        step = None if self.load_root is None else ds_ckpt.find_latest_step(self.load_root)
+        if step is None:
+            return None
+        step_dir = self.load_root / step_dir_name(step)
+        saved = ds_ckpt.read_meta(step_dir)["layout"]
+        now = self._layout()
+        if (saved["tp"], saved["dp"], saved["zero_stage"] == 3) != (now["tp"], now["dp"], now["zero_stage"] == 3):
+            raise CheckpointError(
+                f"checkpoint {step_dir} was saved with tp={saved['tp']}, dp={saved['dp']}, ZeRO stage "
+                f"{saved['zero_stage']}; this job runs tp={now['tp']}, dp={now['dp']}, ZeRO stage {now['zero_stage']}. "
+                "DeepSpeed's partitions only load into the same layout: relaunch with it, or convert the checkpoint "
+                "(python -m mor_megatron.convert.deepspeed_to_megatron) and continue on the Megatron path")
+        _, client_state = self.ds.load_checkpoint(str(self.load_root), tag=step_dir_name(step),
+                                                  load_optimizer_states=True, load_lr_scheduler_states=False)
+        if client_state is None:
+            raise CheckpointError(f"DeepSpeed could not load checkpoint {step_dir}")
+        self.scheduler.load_state_dict(client_state["scheduler"])
+        rng_file = step_dir / f"rng_state_{dist.get_rank():05d}.pt"
+        _set_rng_state(torch.load(rng_file, weights_only=False))
+        return LoopState(**client_state["loop"])
+
+    def destroy(self) -> None:
+        """Remove DeepSpeed's hooks and buffers (ZeRO-3 workers can abort at interpreter exit without it)."""
+        self.ds.destroy()
