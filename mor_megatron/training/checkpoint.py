@@ -59,26 +59,32 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def complete_steps(root: Path) -> list[int]:
-    """Steps with a complete checkpoint under ``root`` (ascending)."""
+def complete_steps(root: Path, marker: str = "metadata.json") -> list[int]:
+    """Steps with a complete checkpoint under ``root`` (ascending): ``step_<N>`` folders holding ``marker``.
+
+    ``marker`` is the file a backend writes last (dist_checkpointing's ``metadata.json`` by default)."""
     if not root.is_dir():
         return []
     steps = []
     for child in root.iterdir():
         match = _STEP_DIR.match(child.name)
-        if match and (child / "metadata.json").is_file():
+        if match and (child / marker).is_file():
             steps.append(int(match.group(1)))
     return sorted(steps)
 
 
-def find_latest_step(root: Path) -> int | None:
-    """Step named by ``latest`` if that checkpoint is complete, else the newest complete one, else None."""
+def find_latest_step(root: Path, marker: str = "metadata.json") -> int | None:
+    """Step named by ``latest`` if that checkpoint is complete, else the newest complete one, else None.
+
+    ``latest`` holds a step number, or a ``step_<N>`` folder name (DeepSpeed's tag format)."""
     latest = root / LATEST_FILE
-    complete = complete_steps(root)
+    complete = complete_steps(root, marker)
     if latest.is_file():
         text = latest.read_text().strip()
-        if text.isdigit() and int(text) in complete:
-            return int(text)
+        match = _STEP_DIR.match(text)
+        step = int(match.group(1)) if match else (int(text) if text.isdigit() else None)
+        if step in complete:
+            return step
         logger.warning("checkpoint pointer %s names %r, which is not a complete checkpoint; using the newest "
                        "complete one instead", latest, text)
     return complete[-1] if complete else None

@@ -29,17 +29,16 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import Any
 
+from mor_megatron.training import checkpoint
 from mor_megatron.training.checkpoint import LATEST_FILE, CheckpointError, step_dir_name
 
 logger = logging.getLogger(__name__)
 
 META_FILE = "meta.json"
-_STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
 def tmp_tag(step: int) -> str:
@@ -49,27 +48,12 @@ def tmp_tag(step: int) -> str:
 
 def complete_steps(root: Path) -> list[int]:
     """Steps with a complete DeepSpeed checkpoint (a ``step_<N>`` folder holding ``meta.json``), ascending."""
-    if not root.is_dir():
-        return []
-    steps = []
-    for child in root.iterdir():
-        match = _STEP_DIR.match(child.name)
-        if match and (child / META_FILE).is_file():
-            steps.append(int(match.group(1)))
-    return sorted(steps)
+    return checkpoint.complete_steps(root, META_FILE)
 
 
 def find_latest_step(root: Path) -> int | None:
     """Step named by ``latest`` if that checkpoint is complete, else the newest complete one, else None."""
-    complete = complete_steps(root)
-    latest = root / LATEST_FILE
-    if latest.is_file():
-        match = _STEP_DIR.match(latest.read_text().strip())
-        if match and int(match.group(1)) in complete:
-            return int(match.group(1))
-        logger.warning("checkpoint pointer %s names %r, which is not a complete checkpoint; using the newest "
-                       "complete one instead", latest, latest.read_text().strip())
-    return complete[-1] if complete else None
+    return checkpoint.find_latest_step(root, META_FILE)
 
 
 def read_meta(step_dir: Path) -> dict[str, Any]:
