@@ -12,38 +12,32 @@ and checked before any process group exists; ``--check`` stops there. Exit statu
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from mor_megatron.config import ConfigError, load_config, validate
+from mor_megatron.pretrain import build_parser, launcher_world_size, run_training
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="mor-pretrain-deepspeed", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", help="YAML config (see configs/)")
-    parser.add_argument("--check", action="store_true", help="validate the config, DeepSpeed JSON and data, then exit")
+    parser = build_parser("mor-pretrain-deepspeed", __doc__.splitlines()[0],
+                          "validate the config, DeepSpeed JSON and data, then exit")
     # The deepspeed launcher appends --local_rank=N; the rank is read from the environment (LOCAL_RANK) instead.
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. deepspeed.zero_stage=3")
     return parser.parse_args(argv)
-
-
-def _world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         config = load_config(args.config, args.overrides)
-        validate(config, world_size=_world_size())
+        validate(config, world_size=launcher_world_size())
         import torch
 
         from mor_megatron.data.datasets import check_data
         from mor_megatron.training.deepspeed_config import check_deepspeed_job
 
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
-        check_deepspeed_job(config, world_size=_world_size(), device_type=device_type)
+        check_deepspeed_job(config, world_size=launcher_world_size(), device_type=device_type)
         check_data(config.data, config.model.vocab_size)
     except ConfigError as err:
         print(f"mor-pretrain-deepspeed: config error: {err}", file=sys.stderr)
@@ -54,20 +48,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from mor_megatron.runtime import destroy_distributed, init_distributed
     from mor_megatron.training.deepspeed_engine import DeepSpeedEngine
-    from mor_megatron.training.trainer import Trainer
 
     ctx = init_distributed(config.parallel, seed=config.train.seed)
-    trainer = Trainer(config, ctx, DeepSpeedEngine)
-    failed = True
     try:
-        trainer.build()
-        trainer.train()
-        failed = False
+        run_training(config, ctx, DeepSpeedEngine)
     finally:
-        trainer.close(failed=failed)
-        engine = getattr(trainer, "engine", None)
-        if engine is not None:
-            engine.destroy()  # ZeRO-3 hooks left in place can abort the process at exit
         destroy_distributed()
     return 0
 
