@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 
 from tests.dist.launch import run_ranks
+from tests.dist.preemption import Preempted, PreemptedAfter
 
 pytestmark = [pytest.mark.dist, pytest.mark.timeout(420)]
 
@@ -86,28 +87,6 @@ def _assert_close(actual: dict[int, float], expected: dict[int, float], what: st
 
 
 # -- rank-side helpers (run in the spawned ranks) -----------------------------------------------------------------
-class _Preempted(Exception):
-    """Raised where a preempted job would have been killed."""
-
-
-class _PreemptedAfter:
-    """Engine whose job is killed right after its step-``steps`` checkpoint, before the next step starts."""
-
-    def __init__(self, engine, steps: int):
-        self._engine = engine
-        self._steps_left = steps
-
-    def __getattr__(self, name: str):
-        return getattr(self._engine, name)
-
-    def train_step(self, batches):
-        """The wrapped engine's step, or :class:`_Preempted` once ``steps`` steps are done."""
-        if self._steps_left == 0:
-            raise _Preempted
-        self._steps_left -= 1
-        return self._engine.train_step(batches)
-
-
 class _Zero3Probe:
     """Counts ZeRO-3 parameter-trace invalidations of an engine and checks that parameters are partitioned."""
 
@@ -149,7 +128,7 @@ def _train(overrides: list[str], *, engine: str, stop_after: int | None = None) 
         built = (DeepSpeedEngine if engine == "deepspeed" else MegatronEngine)(cfg, context)
         if engine == "deepspeed" and built.zero_stage == 3:
             probes.append(_Zero3Probe(built))
-        return built if stop_after is None else _PreemptedAfter(built, stop_after)
+        return built if stop_after is None else PreemptedAfter(built, stop_after)
 
     trainer = Trainer(config, ctx, factory)
     failed = True
@@ -157,7 +136,7 @@ def _train(overrides: list[str], *, engine: str, stop_after: int | None = None) 
         trainer.build()
         trainer.train()
         failed = False
-    except _Preempted:
+    except Preempted:
         pass
     finally:
         trainer.close(failed=failed)

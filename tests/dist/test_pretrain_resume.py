@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from tests.dist.launch import run_ranks
+from tests.dist.preemption import Preempted, PreemptedAfter
 from tests.dist.mlflow_server import free_port
 from tests.dist.pretrain_job import pretrain_command, torchrun_agents, wait_all
 
@@ -48,28 +49,6 @@ def _job_overrides(tiny_data, output_dir: Path, *extra: str) -> list[str]:
             f"output_dir={output_dir}", *extra]
 
 
-class _Preempted(Exception):
-    """Raised where a preempted job would have been killed."""
-
-
-class _PreemptedAfter:
-    """Engine whose job is killed right after its step-``steps`` checkpoint, before the next step starts."""
-
-    def __init__(self, engine, steps: int):
-        self._engine = engine
-        self._steps_left = steps
-
-    def __getattr__(self, name: str):
-        return getattr(self._engine, name)
-
-    def train_step(self, batches):
-        """The wrapped engine's step, or :class:`_Preempted` once ``steps`` steps are done."""
-        if self._steps_left == 0:
-            raise _Preempted
-        self._steps_left -= 1
-        return self._engine.train_step(batches)
-
-
 def _train(overrides: list[str], *, stop_after: int | None = None):
     """One job as ``mor_megatron.pretrain`` runs it, on the ranks' process group; returns its Trainer."""
     from mor_megatron.config import load_config
@@ -81,14 +60,14 @@ def _train(overrides: list[str], *, stop_after: int | None = None):
     ctx = init_distributed(config.parallel, seed=config.train.seed)
     factory = MegatronEngine
     if stop_after is not None:
-        factory = lambda cfg, ctx: _PreemptedAfter(MegatronEngine(cfg, ctx), stop_after)  # noqa: E731
+        factory = lambda cfg, ctx: PreemptedAfter(MegatronEngine(cfg, ctx), stop_after)  # noqa: E731
     trainer = Trainer(config, ctx, factory)
     failed = True
     try:
         trainer.build()
         trainer.train()
         failed = False
-    except _Preempted:
+    except Preempted:
         pass
     finally:
         trainer.close(failed=failed)
