@@ -52,6 +52,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from mor_megatron.inference.hf.modeling_mor import output_cache
 from mor_megatron.inference.kv_buffers import KVBuffers
 from mor_megatron.inference.stack import ModelStack, apply_layer
 
@@ -208,11 +209,11 @@ class _Engine(abc.ABC):
         if self.model.config.model_type == "mor":
             out = self.model(ids, use_cache=True, logits_to_keep=1, output_recursion_masks=True,
                              return_dict=True)
-            self.buffers.load_mor_cache(slot, out.past_key_values)
+            self.buffers.load_mor_cache(slot, output_cache(out))
             sequence.token_depths = torch.stack(out.recursion_masks).sum(dim=0)[0].tolist()
         else:
             out = self.model(ids, use_cache=True, logits_to_keep=1)
-            self.buffers.load_dynamic_cache(slot, out.past_key_values)
+            self.buffers.load_dynamic_cache(slot, output_cache(out))
             sequence.token_depths = [1] * len(prompt)
         self.position[slot] = len(prompt)
         self.stats.prefills += 1

@@ -15,7 +15,7 @@ import torch
 
 from mor_megatron.inference.hf import MODELING_FILES, source_dir
 from mor_megatron.inference.hf.configuration_mor import MoRConfig
-from mor_megatron.inference.hf.modeling_mor import MoRCache, MoRForCausalLM
+from mor_megatron.inference.hf.modeling_mor import MoRCache, MoRForCausalLM, output_cache
 
 VOCAB = 128
 PAD = 3
@@ -65,7 +65,7 @@ def test_cached_generation_matches_recomputation(routing, kv_mode):
     cached = _generate(model, ids, mask, use_cache=True)
     recomputed = _generate(model, ids, mask, use_cache=False)
     assert torch.equal(cached.sequences, recomputed.sequences)
-    assert isinstance(cached.past_key_values, MoRCache)
+    assert isinstance(output_cache(cached), MoRCache)
     new = cached.sequences[:, ids.shape[1]:]
     assert len(set(new.flatten().tolist())) > 3, "degenerate generations would make the comparison vacuous"
     # Each prompt alone (no padding) continues exactly as in the padded batch.
@@ -98,7 +98,7 @@ def test_cache_bytes_match_routing_decisions(routing, kv_mode):
     model = _model(routing, kv_mode, num_recursions=3, seed=2)
     ids, mask = _left_padded([7, 3, 11], seed=3)
     out = _generate(model, ids, mask, use_cache=True, new_tokens=6)
-    cache = out.past_key_values
+    cache = output_cache(out)
     # The last generated token was never fed back, so the cache covers all but the last position.
     seen = out.sequences[:, :-1]
     generated = torch.ones(mask.shape[0], seen.shape[1] - mask.shape[1], dtype=mask.dtype)
@@ -111,7 +111,7 @@ def test_cache_bytes_match_routing_decisions(routing, kv_mode):
 def _recursion_slot_bytes(model: MoRForCausalLM, ids: torch.Tensor, routing_mode: str) -> int:
     cfg = model.config
     with torch.no_grad():
-        cache = model(ids, use_cache=True, routing_mode=routing_mode).past_key_values
+        cache = output_cache(model(ids, use_cache=True, routing_mode=routing_mode))
     first = cfg.num_prefix_layers
     return cache.nbytes(list(range(first, first + cfg.num_recursions * cfg.num_shared_layers)))
 
@@ -135,13 +135,28 @@ def test_left_padding_does_not_change_logits():
     assert (batched[0, -4:] - alone[0]).abs().max() <= 1e-5
 
 
+def test_cache_is_accepted_under_either_name():
+    """transformers 5.24 renamed the cache argument; the model takes both names and returns the installed one's."""
+    model = _model(seed=5)
+    ids = torch.randint(4, VOCAB, (1, 7))
+    with torch.no_grad():
+        full = model(ids).logits[:, -1]
+        for name in ("cache", "past_key_values"):
+            cache = output_cache(model(ids[:, :-1], use_cache=True))
+            step = model(ids[:, -1:], use_cache=True, **{name: cache})
+            assert (step.logits[:, -1] - full).abs().max() <= 1e-5, name
+            assert output_cache(step) is cache and cache.get_seq_length() == ids.shape[1]
+        with pytest.raises(ValueError, match="not both"):
+            model(ids[:, -1:], cache=cache, past_key_values=cache)
+
+
 def test_topk_routing_refuses_a_non_empty_cache():
     model = _model()
     ids = torch.randint(4, VOCAB, (1, 6))
     with torch.no_grad():
-        cache = model(ids, use_cache=True).past_key_values
+        cache = output_cache(model(ids, use_cache=True))
         with pytest.raises(ValueError, match="routing_mode='topk'"):
-            model(ids[:, :1], past_key_values=cache, routing_mode="topk")
+            model(ids[:, :1], cache=cache, routing_mode="topk")
 
 
 @pytest.mark.parametrize("fields,match", [
@@ -184,7 +199,7 @@ def test_cache_rows_can_be_selected_repeated_and_reordered():
     model = _model("expert_choice", num_recursions=2)
     ids, mask = _left_padded([5, 2], seed=7)
     with torch.no_grad():
-        cache = model(ids, attention_mask=mask, use_cache=True).past_key_values
+        cache = output_cache(model(ids, attention_mask=mask, use_cache=True))
     slot = cache.slots[0]
     assert [k.shape[1] for k in slot.keys] == [5, 2]
     first_row = slot.values[0]

@@ -32,7 +32,7 @@ class MoRConfig(PretrainedConfig):
     """
 
     model_type = "mor"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]
 
     vocab_size: int = 49152
     hidden_size: int = 576

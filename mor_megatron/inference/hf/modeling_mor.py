@@ -39,6 +39,22 @@ from .configuration_mor import MoRConfig
 
 RoutingMode = Literal["causal", "topk"]
 
+CACHE_FIELD: str = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+"""Name of the KV cache in forward arguments and model outputs: transformers 5.24 renamed ``past_key_values``
+to ``cache``, and ``generate()`` passes and reads it under the installed release's name."""
+
+
+def output_cache(output: CausalLMOutputWithPast) -> Cache | None:
+    """The KV cache a causal-LM forward returned (this model's or a stock one's), under either release's name."""
+    return output.get(CACHE_FIELD)
+
+
+def _given_cache(cache: MoRCache | None, past_key_values: MoRCache | None) -> MoRCache | None:
+    """The cache a caller passed as ``cache`` (transformers >= 5.24) or ``past_key_values`` (earlier)."""
+    if cache is not None and past_key_values is not None:
+        raise ValueError("pass the KV cache once, as `cache` or as `past_key_values`, not both")
+    return cache if cache is not None else past_key_values
+
 
 # ------------------------------------------------------------------------------------------------------------
 # Active tokens and the recursion-wise KV cache
@@ -375,26 +391,28 @@ class MoRModel(MoRPreTrainedModel):
         return self.embed_tokens
 
     def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
-                position_ids: Tensor | None = None, past_key_values: MoRCache | None = None,
+                position_ids: Tensor | None = None, cache: MoRCache | None = None,
                 inputs_embeds: Tensor | None = None, use_cache: bool | None = None,
-                routing_mode: RoutingMode = "causal", **kwargs) -> MoRModelOutput:
+                routing_mode: RoutingMode = "causal", past_key_values: MoRCache | None = None,
+                **kwargs) -> MoRModelOutput:
         """Run the new tokens ``input_ids`` ``[b, s]`` against the cache.
 
         Args:
             attention_mask: ``[b, past + s]`` (1 = real token, 0 = padding) or None (all real).
             position_ids: ``[b, s]`` RoPE positions; default from the mask (left padding) or the cache length.
-            past_key_values: a :class:`MoRCache` to extend; None starts one (kept only if ``use_cache``).
+            cache: a :class:`MoRCache` to extend; None starts one (kept only if ``use_cache``). Also accepted as
+                ``past_key_values``, its name before transformers 5.24.
             routing_mode: `causal` (threshold routing, what serving runs) or `topk` (training routing with the
                 configured capacities; only for a prefill into an empty cache, since top-k sees the future).
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
-        if past_key_values is not None and not isinstance(past_key_values, MoRCache):
-            raise TypeError(f"MoR models need a MoRCache, got {type(past_key_values).__name__}; pass "
-                            "past_key_values=None to start one")
+        cache = _given_cache(cache, past_key_values)
+        if cache is not None and not isinstance(cache, MoRCache):
+            raise TypeError(f"MoR models need a MoRCache, got {type(cache).__name__}; pass no cache to start one")
         hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         batch, seq_length = hidden.shape[:2]
-        cache = past_key_values if past_key_values is not None else MoRCache()
+        cache = cache if cache is not None else MoRCache()
         if routing_mode not in ("causal", "topk"):
             raise ValueError(f"routing_mode={routing_mode!r} is not one of ['causal', 'topk']")
         if routing_mode == "topk" and cache.seen_tokens:
@@ -411,7 +429,7 @@ class MoRModel(MoRPreTrainedModel):
         cache.seen_tokens += seq_length
         use_cache = self.config.use_cache if use_cache is None else use_cache
         return MoRModelOutput(last_hidden_state=self.norm(hidden), recursion_masks=tuple(masks),
-                              past_key_values=cache if use_cache else None)
+                              **{CACHE_FIELD: cache if use_cache else None})
 
     @staticmethod
     def _chunk(cache: MoRCache, attention_mask: Tensor | None, position_ids: Tensor | None, batch: int,
@@ -541,29 +559,29 @@ class MoRForCausalLM(MoRPreTrainedModel, GenerationMixin):
         return self.lm_head
 
     def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
-                position_ids: Tensor | None = None, past_key_values: MoRCache | None = None,
+                position_ids: Tensor | None = None, cache: MoRCache | None = None,
                 inputs_embeds: Tensor | None = None, labels: Tensor | None = None,
                 use_cache: bool | None = None,
                 logits_to_keep: int = 0, routing_mode: RoutingMode = "causal",
                 output_recursion_masks: bool = False, return_dict: bool | None = None,
-                **kwargs) -> MoRModelOutput | tuple:
+                past_key_values: MoRCache | None = None, **kwargs) -> MoRModelOutput | tuple:
         """Logits ``[b, s, V]`` (the last ``logits_to_keep`` positions when > 0) and the shifted LM loss.
 
         See :meth:`MoRModel.forward` for the arguments; ``labels`` ``[b, s]`` use -100 for ignored positions;
         ``output_recursion_masks`` returns which tokens ran each recursion.
         """
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-                         routing_mode=routing_mode)
+                         cache=_given_cache(cache, past_key_values), inputs_embeds=inputs_embeds,
+                         use_cache=use_cache, routing_mode=routing_mode)
         hidden = out.last_hidden_state
         logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
                                    ignore_index=-100)
-        result = MoRModelOutput(loss=loss, logits=logits, past_key_values=out.past_key_values,
+        result = MoRModelOutput(loss=loss, logits=logits, **{CACHE_FIELD: output_cache(out)},
                                 recursion_masks=out.recursion_masks if output_recursion_masks else None)
         return result if return_dict is not False else result.to_tuple()
 
 
-__all__ = ["MoRCache", "MoRForCausalLM", "MoRModel", "MoRPreTrainedModel"]
+__all__ = ["CACHE_FIELD", "MoRCache", "MoRForCausalLM", "MoRModel", "MoRPreTrainedModel", "output_cache"]
