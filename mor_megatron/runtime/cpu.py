@@ -1,47 +1,51 @@
 """CPU runtime for megatron-core: TP, PP, DP, the distributed optimizer and dist-checkpointing on gloo.
 
-Why it exists. megatron-core 0.16.1 has no CPU path: it allocates with ``device="cuda"`` or
+Why it exists. megatron-core has no CPU path: it allocates with ``device="cuda"`` or
 ``torch.cuda.current_device()`` (schedules, DDP buffers, optimizer, clip-grad, p2p, attention buffers), calls
-``.cuda()``/``.to(cuda)``, asserts ``param.type() == "torch.cuda.FloatTensor"`` and keeps its dropout/TP RNG
-in the CUDA generator. Tests and the embedded demo run megatron-core on CPU processes joined by gloo, so
-:func:`enable_cpu_runtime` installs a few shims (``docs/megatron-core-notes.md`` section 5).
+``.cuda()``/``.to(cuda)``, orders work on CUDA streams and events (0.19's grad buffers), asserts
+``param.type() == "torch.cuda.FloatTensor"`` and keeps its dropout/TP RNG in the CUDA generator. Tests and the
+embedded demo run megatron-core on CPU processes joined by gloo, so :func:`enable_cpu_runtime` lets megatron's
+own code see a host stand-in for CUDA (``docs/megatron-core-notes.md`` section 5).
 
-What it patches, and how far each patch reaches:
+Scope: megatron's code only. Nothing else in the process (torch, transformers, DeepSpeed, this project, the
+user's script) sees a change, and device contexts such as ``with torch.device("meta")`` keep working everywhere.
 
-(a) Device remap. ``torch.empty/zeros/ones/full/tensor/arange/rand*/randint/randperm/as_tensor/eye/linspace``,
-    the ``*_like`` factories, ``Tensor.to(cuda)`` and ``Tensor.cuda()`` give CPU tensors, but only when the
-    call comes from megatron code (the first frame outside ``torch`` belongs to a ``megatron.*`` module).
-    A per-module ``torch`` proxy cannot do this: the allocations are spread over ~60 megatron modules, many
-    imported lazily after the runtime is switched on. Scoping by caller keeps our own code honest: a stray
-    ``.cuda()`` in ``mor_megatron`` still fails on CPU, as it must, because on GPU this runtime is absent.
-    ``torch.cuda.current_device`` returns 0 and ``torch.cuda.synchronize``/``empty_cache`` do nothing,
-    process-wide; on a CUDA-less process these calls could only raise. Memory queries
-    (``max_memory_allocated`` ...) are left alone: memory is measured elsewhere and a fake 0 would be wrong.
-(b) ``Tensor.type()`` without arguments, called directly from megatron code on a CPU tensor, returns the CUDA
-    name (``"torch.cuda.FloatTensor"``) that megatron's optimizer and clip-grad checks expect.
-(c) RNG. Inside ``megatron.core.tensor_parallel.random`` only, ``torch`` is a proxy whose
-    ``cuda.get_rng_state/set_rng_state/manual_seed`` use the CPU generator, and ``_get_cuda_rng_state``/
-    ``_set_cuda_rng_state`` read/write the CPU generator. On CPU the default generator is the one dropout and
-    CPU initialisation draw from, so the tracker's fork/restore keeps its meaning (activation recompute with
-    dropout reproduces the same masks). Its warning "CPU RNG state changed within GPU RNG context" (always
-    true here, as both are one generator) is filtered.
+(a) ``torch`` as megatron sees it. The global name ``torch`` of every ``megatron.*`` module (those imported
+    already and, through an import hook, those imported later) is rebound to :class:`_TorchForMegatron`: the
+    real torch, except that the tensor factories map a CUDA ``device`` to the CPU and ``torch.cuda`` is
+    :class:`_CudaOnHost` (device 0, streams and events that order nothing because host work is already
+    ordered, ``synchronize``/``empty_cache`` no-ops, the RNG calls on the CPU generator). The real ``torch``
+    module is never modified. Memory queries (``max_memory_allocated`` ...) are left to raise: a fake 0 would
+    be a wrong measurement.
+(b) Tensor methods cannot be rebound per module, so ``Tensor.to(cuda)``, ``Tensor.cuda()`` and ``Tensor.type()``
+    are wrapped process-wide, but act only when the call comes from megatron (the first frame outside torch
+    belongs to a ``megatron.*`` module; ``type()`` only for direct calls): they keep the tensor on the CPU and
+    report the CUDA type name megatron's optimizer and clip-grad checks expect. Any other caller gets torch's
+    own behaviour, so a stray ``.cuda()`` in ``mor_megatron`` still fails on CPU, as it would without CUDA.
+(c) RNG. megatron's ``_get_cuda_rng_state``/``_set_cuda_rng_state`` read and write the CPU generator. On CPU
+    the default generator is the one dropout and CPU initialisation draw from, so the TP tracker's
+    fork/restore keeps its meaning (activation recompute with dropout reproduces the same masks). Its warning
+    "CPU RNG state changed within GPU RNG context" (always true here, as both are one generator) is filtered.
 (d) ``megatron.core.jit.disable_jit_fuser()``: no ``torch.compile`` for megatron modules imported afterwards.
 
 A ``TorchFunctionMode`` is deliberately not used: the mode is off inside ``Tensor.backward``, so megatron's
 activation recompute (``CheckpointFunction``) escapes it. ``torch.cuda.is_available()`` stays False, because
 megatron branches on it.
 
-The GPU path never goes through this module: :func:`enable_cpu_runtime` returns without touching anything
-when ``torch.cuda.is_available()``. Patches are process-wide and permanent; installing twice is a no-op.
+The GPU path never goes through this module: :func:`enable_cpu_runtime` returns without touching anything when
+``torch.cuda.is_available()``. The runtime is permanent for the process; installing twice is a no-op.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
+import importlib.abc
 import logging
 import sys
-from types import FrameType
+import time
+from types import FrameType, ModuleType
 from typing import Any, Callable
 
 import torch
@@ -51,6 +55,7 @@ _FACTORY_NAMES = (
     "rand", "randn", "randint", "randperm",
     "empty_like", "zeros_like", "ones_like", "full_like", "rand_like", "randn_like", "randint_like",
 )
+_MEGATRON_PREFIX = "megatron."
 _RNG_MODULE = "megatron.core.tensor_parallel.random"
 _RNG_WARNING = "CPU RNG state changed within GPU RNG context"
 
@@ -58,18 +63,18 @@ _enabled = False
 
 
 def cpu_runtime_enabled() -> bool:
-    """Whether :func:`enable_cpu_runtime` has installed its patches in this process."""
+    """Whether :func:`enable_cpu_runtime` has installed the runtime in this process."""
     return _enabled
 
 
 def enable_cpu_runtime() -> bool:
-    """Install the CPU shims for megatron-core (see the module docstring); idempotent.
+    """Install the CPU runtime for megatron-core (see the module docstring); idempotent.
 
     Call it before building megatron models, ideally before importing megatron model modules (so that
     ``disable_jit_fuser`` reaches them). :func:`mor_megatron.runtime.init_distributed` calls it on CPU.
 
     Returns:
-        True when the shims are installed (now or by an earlier call), False when CUDA is available and
+        True when the runtime is installed (now or by an earlier call), False when CUDA is available and
         nothing was done.
     """
     global _enabled
@@ -77,8 +82,11 @@ def enable_cpu_runtime() -> bool:
         return False
     if _enabled:
         return True
-    _patch_devices()
-    _patch_tensor_type()
+    _patch_tensor_methods()
+    sys.meta_path.insert(0, _MegatronImportHook())
+    for name, module in list(sys.modules.items()):
+        if name.startswith(_MEGATRON_PREFIX):
+            _retarget(module)
     _patch_rng()
     from megatron.core import jit
 
@@ -97,6 +105,183 @@ def _is_cuda_device(device: Any) -> bool:
     return isinstance(device, int) and not isinstance(device, bool)
 
 
+# ------------------------------------------------------------------------------------------------------------
+# (a) torch and torch.cuda as megatron's modules see them
+# ------------------------------------------------------------------------------------------------------------
+
+class _HostEvent:
+    """A ``torch.cuda.Event`` stand-in: host work is complete when it returns, so an event only keeps time."""
+
+    def __init__(self, enable_timing: bool = False, blocking: bool = False, interprocess: bool = False):
+        self._recorded_at = time.perf_counter()
+
+    def record(self, stream: Any = None) -> None:
+        self._recorded_at = time.perf_counter()
+
+    def wait(self, stream: Any = None) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+    def elapsed_time(self, end_event: _HostEvent) -> float:
+        """Milliseconds between this event's and ``end_event``'s records, as CUDA events report."""
+        return (end_event._recorded_at - self._recorded_at) * 1e3
+
+
+class _HostStream:
+    """A ``torch.cuda.Stream`` stand-in: there is one host stream and its work is already ordered."""
+
+    def __init__(self, device: Any = None, priority: int = 0, **kwargs: Any):
+        pass
+
+    def wait_stream(self, stream: Any) -> None:
+        pass
+
+    def wait_event(self, event: Any) -> None:
+        pass
+
+    def record_event(self, event: _HostEvent | None = None) -> _HostEvent:
+        event = event if event is not None else _HostEvent()
+        event.record(self)
+        return event
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+
+_HOST_STREAM = _HostStream()
+
+
+class _CudaOnHost:
+    """``torch.cuda`` inside megatron's modules: device 0 on the host; everything not defined here is real."""
+
+    Event = _HostEvent
+    Stream = _HostStream
+
+    def __init__(self) -> None:
+        # torch.cuda.random.get_rng_state(...) is spelled through the submodule in megatron's RNG code.
+        self.random = self
+
+    @staticmethod
+    def current_device() -> int:
+        return 0
+
+    @staticmethod
+    def synchronize(device: Any = None) -> None:
+        pass
+
+    @staticmethod
+    def empty_cache() -> None:
+        pass
+
+    @staticmethod
+    def current_stream(device: Any = None) -> _HostStream:
+        return _HOST_STREAM
+
+    @staticmethod
+    def default_stream(device: Any = None) -> _HostStream:
+        return _HOST_STREAM
+
+    @staticmethod
+    def stream(stream: Any) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext(stream)
+
+    @staticmethod
+    def get_rng_state(device: Any = "cuda") -> torch.Tensor:
+        return torch.get_rng_state()
+
+    @staticmethod
+    def set_rng_state(new_state: torch.Tensor, device: Any = "cuda") -> None:
+        torch.set_rng_state(new_state)
+
+    @staticmethod
+    def manual_seed(seed: int) -> None:
+        torch.manual_seed(seed)
+
+    manual_seed_all = manual_seed
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch.cuda, name)
+
+
+def _on_host(factory: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    # The factories take `device` as a keyword only, so looking at kwargs is enough.
+    @functools.wraps(factory)
+    def host_factory(*args: Any, **kwargs: Any) -> torch.Tensor:
+        if _is_cuda_device(kwargs.get("device")):
+            kwargs["device"] = "cpu"
+        return factory(*args, **kwargs)
+
+    return host_factory
+
+
+class _TorchForMegatron(ModuleType):
+    """``torch`` inside megatron's modules: the real module but for host factories and :class:`_CudaOnHost`."""
+
+    def __init__(self) -> None:
+        super().__init__("torch", torch.__doc__)
+        for name in _FACTORY_NAMES:
+            setattr(self, name, _on_host(getattr(torch, name)))
+        self.cuda = _CudaOnHost()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch, name)
+
+
+_TORCH_FOR_MEGATRON = _TorchForMegatron()
+
+
+def _retarget(module: ModuleType) -> None:
+    """Rebind a megatron module's global ``torch`` to :data:`_TORCH_FOR_MEGATRON`."""
+    if getattr(module, "torch", None) is torch:
+        module.torch = _TORCH_FOR_MEGATRON
+
+
+class _RetargetingLoader(importlib.abc.Loader):
+    """Runs a megatron module with its own loader, then retargets it; other loader methods pass through."""
+
+    def __init__(self, loader: importlib.abc.Loader):
+        self._loader = loader
+
+    def create_module(self, spec: Any) -> ModuleType | None:
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module: ModuleType) -> None:
+        self._loader.exec_module(module)
+        _retarget(module)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._loader, name)
+
+
+class _MegatronImportHook(importlib.abc.MetaPathFinder):
+    """Finds megatron modules with the finders after it and retargets them once they have run."""
+
+    def find_spec(self, fullname: str, path: Any, target: ModuleType | None = None) -> Any:
+        if not fullname.startswith(_MEGATRON_PREFIX):
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                    spec.loader = _RetargetingLoader(spec.loader)
+                return spec
+        return None
+
+
+# ------------------------------------------------------------------------------------------------------------
+# (b) Tensor methods, for megatron's calls only
+# ------------------------------------------------------------------------------------------------------------
+
 def _module_name(frame: FrameType) -> str:
     return frame.f_globals.get("__name__", "")
 
@@ -110,28 +295,15 @@ def _from_megatron(frame: FrameType | None) -> bool:
     while frame is not None:
         name = _module_name(frame)
         if name != "torch" and not name.startswith("torch."):
-            return name.startswith("megatron.")
+            return name.startswith(_MEGATRON_PREFIX)
         frame = frame.f_back
     return False
 
 
-def _remap_factory(factory: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-    # The factories take `device` as a keyword only, so looking at kwargs is enough.
-    @functools.wraps(factory)
-    def on_cpu(*args: Any, **kwargs: Any) -> torch.Tensor:
-        if _is_cuda_device(kwargs.get("device")) and _from_megatron(sys._getframe(1)):
-            kwargs["device"] = "cpu"
-        return factory(*args, **kwargs)
-
-    return on_cpu
-
-
-def _patch_devices() -> None:
-    for name in _FACTORY_NAMES:
-        setattr(torch, name, _remap_factory(getattr(torch, name)))
-
+def _patch_tensor_methods() -> None:
     original_to = torch.Tensor.to
     original_cuda = torch.Tensor.cuda
+    original_type = torch.Tensor.type
 
     @functools.wraps(original_to)
     def to(self: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -149,54 +321,22 @@ def _patch_devices() -> None:
             return self
         return original_cuda(self, *args, **kwargs)
 
-    torch.Tensor.to = to
-    torch.Tensor.cuda = cuda
-    torch.cuda.current_device = lambda: 0
-    torch.cuda.synchronize = lambda device=None: None
-    torch.cuda.empty_cache = lambda: None
-
-
-def _patch_tensor_type() -> None:
-    original_type = torch.Tensor.type
-
     @functools.wraps(original_type)
     def tensor_type(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         # Only direct calls from megatron: torch internals and other libraries (DeepSpeed) see the true type.
         direct_caller = _module_name(sys._getframe(1))
-        if not args and not kwargs and self.device.type == "cpu" and direct_caller.startswith("megatron."):
+        if not args and not kwargs and self.device.type == "cpu" and direct_caller.startswith(_MEGATRON_PREFIX):
             return original_type(self).replace("torch.", "torch.cuda.", 1)
         return original_type(self, *args, **kwargs)
 
+    torch.Tensor.to = to
+    torch.Tensor.cuda = cuda
     torch.Tensor.type = tensor_type
 
 
-class _CudaRngOnCpu:
-    """Stands in for ``torch.cuda`` inside megatron's RNG module: the RNG calls use the CPU generator."""
-
-    @staticmethod
-    def get_rng_state(device: Any = "cuda") -> torch.Tensor:
-        return torch.get_rng_state()
-
-    @staticmethod
-    def set_rng_state(new_state: torch.Tensor, device: Any = "cuda") -> None:
-        torch.set_rng_state(new_state)
-
-    @staticmethod
-    def manual_seed(seed: int) -> None:
-        torch.manual_seed(seed)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(torch.cuda, name)
-
-
-class _TorchWithCpuRng:
-    """Stands in for ``torch`` inside megatron's RNG module; all but ``torch.cuda`` is the real torch."""
-
-    cuda = _CudaRngOnCpu()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(torch, name)
-
+# ------------------------------------------------------------------------------------------------------------
+# (c) megatron's CUDA RNG state on the CPU generator
+# ------------------------------------------------------------------------------------------------------------
 
 class _DropRngWarning(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
@@ -214,7 +354,6 @@ def _set_rng_state_cpu(new_state: torch.Tensor, device: Any = -1, graph_safe: bo
 
 def _patch_rng() -> None:
     rng = importlib.import_module(_RNG_MODULE)
-    rng.torch = _TorchWithCpuRng()
     rng._get_cuda_rng_state = _get_rng_state_cpu
     rng._set_cuda_rng_state = _set_rng_state_cpu
     logging.getLogger(_RNG_MODULE).addFilter(_DropRngWarning())

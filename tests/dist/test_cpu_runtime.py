@@ -203,11 +203,23 @@ def _calls_from_outside_megatron() -> dict:
             return True
         return False
 
+    import megatron.core.pipeline_parallel.schedules as megatron_schedules
+
+    with torch.device("meta"):
+        in_meta_context = torch.empty(2).device.type
     return {
         "zeros_cuda_raises": raises(lambda: torch.zeros(1, device="cuda")),
         "to_cuda_raises": raises(lambda: torch.ones(1).to("cuda")),
         "dot_cuda_raises": raises(lambda: torch.ones(1).cuda()),
+        "current_stream_raises": raises(torch.cuda.current_stream),
         "type": torch.ones(1).type(),
+        "meta": torch.empty(2, device="meta").device.type,
+        "meta_context": in_meta_context,
+        "torch_untouched": all(getattr(torch, name) is getattr(torch._C._VariableFunctions, name)
+                               for name in ("zeros", "empty", "ones", "full", "arange", "tensor")),
+        # megatron's own view: CUDA allocations land on the host, streams order nothing.
+        "megatron_zeros": megatron_schedules.torch.zeros(1, device="cuda").device.type,
+        "megatron_stream": megatron_schedules.torch.cuda.current_stream().query(),
     }
 
 
@@ -302,7 +314,9 @@ def test_pp2_one_f_one_b_step_with_tied_embeddings(layouts):
 def test_cpu_runtime_leaves_calls_from_outside_megatron_alone(layouts):
     for result in (rank_result["outside"] for rank_result in layouts):
         assert result == {"zeros_cuda_raises": True, "to_cuda_raises": True, "dot_cuda_raises": True,
-                          "type": "torch.FloatTensor"}
+                          "current_stream_raises": True, "type": "torch.FloatTensor", "meta": "meta",
+                          "meta_context": "meta", "torch_untouched": True, "megatron_zeros": "cpu",
+                          "megatron_stream": True}
 
 
 @pytest.mark.dist
