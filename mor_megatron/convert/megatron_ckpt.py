@@ -1,8 +1,9 @@
 """Reading and writing mor_megatron ``torch_dist`` checkpoints without building a model (conversion side).
 
-Reading: a checkpoint's tensors are global (un-sharded) in ``dist_checkpointing``'s storage, so one process
-with a 1-rank gloo group loads any TP/PP/DP layout as plain tensors. Only the model's tensors are read
-(optimizer state is skipped), and the job config comes from the common state the trainer writes.
+Reading: a checkpoint's tensors are global (un-sharded) in ``dist_checkpointing``'s storage, which is torch's
+distributed-checkpoint format, so one process loads any TP/PP/DP layout as plain tensors with torch alone.
+Only the model's tensors are read (optimizer state is skipped), and the job config comes from the common
+state the trainer writes.
 
 Writing: :func:`write_weights_only` publishes a model-only checkpoint in the trainer's step-folder layout
 (``step_00000000/`` + ``latest``) with loop state step 0 and a ``weights_only`` marker in its common state.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -138,13 +140,16 @@ def _model_key_prefix(keys: list[str], step_dir: Path) -> str:
 def read_checkpoint(path: str | Path) -> MegatronCheckpoint:
     """Load the model tensors and job config of a checkpoint (``path``: step folder or save_dir).
 
-    Needs a process group (:func:`lone_process_group`).
+    Reads the ``torch_dist`` files with torch's own ``torch.distributed.checkpoint`` in this process alone: no
+    process group, no megatron-core and no CPU runtime, so a conversion leaves the process as it found it.
     """
-    from megatron.core import dist_checkpointing
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     step_dir = resolve_step_dir(path)
     check_shard_files(step_dir)
-    common = dist_checkpointing.load_common_state_dict(str(step_dir))
+    common = _read_common_state(step_dir)
     if not isinstance(common, dict) or "config" not in common:
         raise ConversionError(f"checkpoint {str(step_dir)!r} has no job config in its common state; only "
                               "checkpoints written by mor_megatron's trainer or mor-convert from-hf convert")
@@ -152,19 +157,35 @@ def read_checkpoint(path: str | Path) -> MegatronCheckpoint:
         config = config_from_dict(common["config"])
     except ConfigError as err:
         raise ConversionError(f"the job config stored in {str(step_dir)!r} is invalid: {err}") from err
-    metadata = dist_checkpointing.load_tensors_metadata(str(step_dir))
-    prefix = _model_key_prefix(list(metadata), step_dir)
-    wanted = {key: sharded for key, sharded in metadata.items()
+    metadata = FileSystemReader(str(step_dir)).read_metadata().state_dict_metadata
+    tensor_keys = [key for key, meta in metadata.items() if isinstance(meta, TensorStorageMetadata)]
+    prefix = _model_key_prefix(tensor_keys, step_dir)
+    wanted = {key: torch.empty(metadata[key].size, dtype=metadata[key].properties.dtype)
+              for key in tensor_keys
               if key.startswith(prefix) and key[len(prefix):].split(".")[0] in _MODEL_ROOTS}
     try:
-        loaded = dist_checkpointing.load(wanted, str(step_dir))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+            dcp.load(wanted, storage_reader=FileSystemReader(str(step_dir)), no_dist=True)
     except BaseException as err:  # torch's CheckpointException derives from BaseException
         if isinstance(err, (KeyboardInterrupt, SystemExit)):
             raise
         raise ConversionError(f"cannot read the model tensors of {str(step_dir)!r}: {err}") from err
-    tensors = {key[len(prefix):]: loaded[key].detach().cpu() for key in wanted}
+    tensors = {key[len(prefix):]: tensor for key, tensor in wanted.items()}
     loop = common.get("loop") or {}
     return MegatronCheckpoint(path=step_dir, config=config, tensors=tensors, step=int(loop.get("step", 0)))
+
+
+def _read_common_state(step_dir: Path) -> Any:
+    """The non-sharded state the trainer saved (a ``common.pt`` file up to megatron-core 0.18, an object inside
+    the torch_dist files from 0.19); read by megatron's own reader, which needs no process group."""
+    from megatron.core import dist_checkpointing
+
+    try:
+        return dist_checkpointing.load_common_state_dict(str(step_dir))
+    except Exception as err:  # torch and megatron raise several types for a missing or corrupt common state
+        raise ConversionError(f"cannot read the common state (job config, loop state) of {str(step_dir)!r}: "
+                              f"{err}") from err
 
 
 def write_weights_only(model, output_dir: Path, *, config_dict: dict[str, Any],

@@ -22,7 +22,7 @@ import torch
 from mor_megatron.config import JobConfig, layer_layout
 from mor_megatron.convert import ConversionError
 from mor_megatron.convert.hf_keys import AttentionShape, megatron_to_hf
-from mor_megatron.convert.megatron_ckpt import MegatronCheckpoint, lone_process_group, read_checkpoint
+from mor_megatron.convert.megatron_ckpt import MegatronCheckpoint, read_checkpoint
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -190,8 +190,7 @@ def to_hf(checkpoint: str | Path, output_dir: str | Path, *, tokenizer: str | Pa
             tokenizer that does not fit, or a non-empty output folder.
     """
     output_dir = Path(output_dir)
-    with lone_process_group():
-        ckpt = read_checkpoint(checkpoint)
+    ckpt = read_checkpoint(checkpoint)
     check_tensors(ckpt.tensors, ckpt.config, f"checkpoint {str(ckpt.path)!r}")
     if dtype is not None and dtype not in DTYPES:
         raise ConversionError(f"dtype={dtype!r} is not one of {list(DTYPES)}")

@@ -283,6 +283,8 @@ def tiny_llama(tmp_path_factory) -> Path:
 
 def _break_copies(source: Path, root: Path) -> None:
     """Copies of a good step folder under ``root/<case>/``, each with one defect."""
+    from megatron.core import dist_checkpointing
+
     for case in BROKEN:
         shutil.copytree(source, root / case / source.name)
     sorted((root / "missing_shard" / source.name).glob("*.distcp"))[-1].unlink()
@@ -291,10 +293,10 @@ def _break_copies(source: Path, root: Path) -> None:
     for case, section, edits in (("config_mismatch", "model", {"hidden_size": 128, "num_attention_heads": 8}),
                                  # 1 + 3 x 2 + 1 layers: one more unique layer than were saved
                                  ("layout_mismatch", "recursion", {"num_recursions": 2})):
-        common_file = root / case / source.name / "common.pt"
-        common = torch.load(common_file, weights_only=False)
+        common = dist_checkpointing.load_common_state_dict(str(root / case / source.name))
         common["config"][section].update(edits)
-        torch.save(common, common_file)
+        # A legacy common.pt takes precedence over the common state megatron-core >= 0.19 keeps in the shards.
+        torch.save(common, root / case / source.name / "common.pt")
     (root / "incomplete" / source.name / "metadata.json").unlink()
 
 
@@ -423,6 +425,54 @@ def test_cli_help_imports_neither_torch_nor_megatron():
                             cwd=Path(__file__).resolve().parents[2])
     assert result.returncode == 0, result.stderr
     assert "to-hf" in result.stdout and "from-hf" in result.stdout
+
+
+def _convert_then_load(root: str, llama: str, out: str) -> None:
+    """A user's script: convert both ways, then load the exports with transformers in the same process.
+
+    Saves what it saw to ``out``: logits of the exports loaded after the conversions, device checks, and
+    whether the conversion to HF needed megatron's CPU runtime or a process group.
+    """
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM
+
+    from mor_megatron.convert.from_hf import from_hf
+    from mor_megatron.convert.to_hf import to_hf
+    from mor_megatron.runtime import cpu_runtime_enabled
+
+    root_path = Path(root)
+    to_hf(root_path / "ckpt" / "tp2" / "mor_e", root_path / "script_mor_e", include_tokenizer=False)
+    to_hf_left_alone = not cpu_runtime_enabled() and not dist.is_initialized()
+    # from-hf builds a megatron model on CPU, so it turns the (scoped) runtime on.
+    from_hf(Path(llama), root_path / "script_llama_mor", preset="tiny-vanilla")
+    to_hf(root_path / "script_llama_mor", root_path / "script_llama", include_tokenizer=False)
+    logits = {}
+    for name, remote_code in (("script_llama", False), ("script_mor_e", True)):
+        model = AutoModelForCausalLM.from_pretrained(str(root_path / name), trust_remote_code=remote_code)
+        with torch.no_grad():
+            logits[name] = model.eval()(_tokens()).logits
+    with torch.device("meta"):
+        meta_context = torch.empty(2).device.type
+    torch.save({"logits": logits, "to_hf_left_alone": to_hf_left_alone, "runtime_on": cpu_runtime_enabled(),
+                "meta": torch.empty(2, device="meta").device.type, "meta_context": meta_context}, out)
+
+
+@pytest.mark.dist
+def test_exports_load_in_the_converting_process_as_in_a_fresh_one(converted, tiny_llama):
+    root = converted["root"]
+    out = root / "convert_then_load.pt"
+    code = ("import sys; from tests.dist.test_convert import _convert_then_load; "
+            "_convert_then_load(*sys.argv[1:])")
+    result = subprocess.run([sys.executable, "-c", code, str(root), str(tiny_llama), str(out)],
+                            capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[2])
+    assert result.returncode == 0, result.stderr[-3000:]
+    seen = torch.load(out, weights_only=True)
+    assert seen["to_hf_left_alone"], "to_hf switched on the CPU runtime or created a process group"
+    assert seen["runtime_on"] and seen["meta"] == "meta" and seen["meta_context"] == "meta"
+    for name, remote_code in (("script_llama", False), ("script_mor_e", True)):
+        with torch.no_grad():
+            fresh = _load_hf(root / name, remote_code)(_tokens()).logits
+        assert (seen["logits"][name] - fresh).abs().max().item() <= 1e-5, name
 
 
 # ------------------------------------------------------------------------------------------------------------
