@@ -131,13 +131,15 @@ def megatron_param_groups(model: torch.nn.Module, config: JobConfig) -> list[dic
     ``min_lr``, which megatron's ``OptimizerParamScheduler`` reads. Collective (megatron aligns the groups
     across ranks).
     """
-    from megatron.core.optimizer import OptimizerConfig, _get_param_groups
+    from megatron.core.optimizer import OptimizerConfig, _get_param_groups, get_standard_config_overrides
 
     optim = config.optim
     mcore = OptimizerConfig(optimizer="adam", lr=optim.lr, min_lr=optim.min_lr, weight_decay=optim.weight_decay,
                             adam_beta1=optim.adam_beta1, adam_beta2=optim.adam_beta2, adam_eps=optim.adam_eps)
-    # Private in megatron-core 0.16.1 (pinned); get_megatron_optimizer uses exactly this function.
-    return _get_param_groups([model], mcore, None)
+    # What get_megatron_optimizer does (megatron-core 0.16.1 to 0.19; _get_param_groups is private). The standard
+    # overrides (no weight decay on biases and 1-D parameters) are passed explicitly: from 0.19 on,
+    # _get_param_groups no longer applies them for `None`.
+    return _get_param_groups([model], mcore, get_standard_config_overrides(mcore))
 
 
 class DeepSpeedEngine:
