@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create .venv and install mor_megatron with its test tools. Idempotent: a second run only checks.
-# torch is pinned to 2.13.0 (pyproject.toml): on the project's machines that is a CPU wheel already on disk,
-# so nothing here downloads a CUDA build. On a GPU cluster install the CUDA wheel of torch 2.13.0 first.
+# The package declares ranges (pyproject.toml); the one exact pin is here: torch 2.13.0, which on the project's
+# machines is a CPU wheel already on disk, so nothing here downloads a CUDA build. In a GPU container that
+# already has torch and megatron-core in range, `pip install -e .` keeps them (tests/unit/test_packaging.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
