@@ -27,12 +27,17 @@ $PY -m mor_megatron.inference.sample --run-dir "$RUN" --prompt "def " --prompt "
 $PY -m mor_megatron.cli.convert to-hf "$RUN/checkpoints" "$RUN/hf" --overwrite 2> "$RUN/convert.stderr.log"
 $PY - "$RUN/hf" <<'PYEOF' 2> "$RUN/hf_generate.stderr.log"
 import sys
+import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)
 tokenizer = AutoTokenizer.from_pretrained(sys.argv[1], trust_remote_code=True)
 ids = tokenizer(["class "], return_tensors="pt")
-out = model.generate(**ids, max_new_tokens=30, do_sample=False)
-print("--- exported model, generate():", repr(tokenizer.decode(out[0], skip_special_tokens=True)))
+cached = model.generate(**ids, max_new_tokens=30, do_sample=False)
+print("--- exported model, generate():", repr(tokenizer.decode(cached[0], skip_special_tokens=True)))
+recomputed = model.generate(**ids, max_new_tokens=30, do_sample=False, use_cache=False)
+if not torch.equal(cached, recomputed):
+    sys.exit("demo: generate() with the recursion-wise KV cache differs from use_cache=False decoding")
+print("--- the same tokens as use_cache=False greedy decoding (no KV cache)")
 PYEOF
 cat <<SUMMARY
 ================================================================================================
