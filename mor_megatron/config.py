@@ -22,6 +22,7 @@ Routing = Literal["none", "expert_choice", "token_choice"]
 KVMode = Literal["recursion_wise", "shared"]
 TokenBalancing = Literal["loss", "loss_free"]
 TransformerImpl = Literal["auto", "local", "transformer_engine"]
+CoreAttention = Literal["sdpa", "megatron"]
 LRSchedule = Literal["cosine", "wsd", "constant"]
 Precision = Literal["auto", "fp32", "bf16"]
 
@@ -56,6 +57,10 @@ class ModelConfig:
     attention_dropout: float = 0.0
     transformer_impl: TransformerImpl = "auto"
     """`auto`: Transformer Engine layers when TE is installed and CUDA is present, else megatron-core's local ones."""
+    core_attention: CoreAttention = "sdpa"
+    """Attention kernel of the local layers: `sdpa` (torch's scaled_dot_product_attention: flash/memory-efficient
+    kernels on GPU, no dense mask for causal compacted tokens) or `megatron` (megatron-core's DotProductAttention,
+    dense scores and masks; the reference). The Transformer Engine layers use TE's attention either way."""
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",

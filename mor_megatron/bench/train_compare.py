@@ -48,7 +48,7 @@ import torch
 from torch import Tensor
 
 from mor_megatron.bench.model_step import vanilla_of_same_depth
-from mor_megatron.config import ModelConfig, ParallelConfig, RecursionConfig, preset
+from mor_megatron.config import CoreAttention, ModelConfig, ParallelConfig, RecursionConfig, preset
 from mor_megatron.model.builder import build_model, transformer_config
 from mor_megatron.model.flops import flops_per_token
 
@@ -122,8 +122,8 @@ class TrainComparison:
         return self.mor.peak_bytes / self.vanilla.peak_bytes
 
 
-def bench_model_config(preset_name: str, *, hidden_size: int | None,
-                       seq_length: int) -> tuple[ModelConfig, RecursionConfig]:
+def bench_model_config(preset_name: str, *, hidden_size: int | None, seq_length: int,
+                       core_attention: CoreAttention = "sdpa") -> tuple[ModelConfig, RecursionConfig]:
     """The preset's model, optionally at another width, with ``max_seq_length >= seq_length``.
 
     A width override keeps head dim 64 (plain multi-head attention) and a SwiGLU of ~8/3 x hidden, as
@@ -137,6 +137,7 @@ def bench_model_config(preset_name: str, *, hidden_size: int | None,
         fields.update(hidden_size=hidden_size, num_attention_heads=heads, num_query_groups=heads,
                       ffn_hidden_size=hidden_size * 8 // 3 // 8 * 8)
     fields["max_seq_length"] = max(seq_length, model.max_seq_length)
+    fields["core_attention"] = core_attention
     return ModelConfig(**fields), recursion
 
 
@@ -245,13 +246,14 @@ def measure_step_memory(trainee: BenchModel, batches: tuple[Tensor, Tensor],
 
 def compare_training(preset_name: str, *, pg_collection, device: torch.device, hidden_size: int | None,
                      seq_length: int, batch_size: int, steps: int, warmup_steps: int = 2,
-                     lr: float = 3e-3) -> TrainComparison:
+                     lr: float = 3e-3, core_attention: CoreAttention = "sdpa") -> TrainComparison:
     """Train ``preset_name`` and its vanilla baseline on the same batches; see the module docstring.
 
     Args:
         pg_collection: megatron-core process groups of a 1-rank job (``init_distributed(ParallelConfig())``).
         device: where the models train (``ctx.device``).
         hidden_size: width override (None: the preset's).
+        core_attention: the attention kernel of both models (``model.core_attention``).
         steps: timed optimizer steps per model (>= 1), after ``warmup_steps`` untimed ones and two memory
             steps.
     """
@@ -259,7 +261,8 @@ def compare_training(preset_name: str, *, pg_collection, device: torch.device, h
                              ("batch_size", batch_size, 1), ("seq_length", seq_length, 2)):
         if value < low:
             raise ValueError(f"{name} must be >= {low}, got {value}")
-    model_cfg, recursion = bench_model_config(preset_name, hidden_size=hidden_size, seq_length=seq_length)
+    model_cfg, recursion = bench_model_config(preset_name, hidden_size=hidden_size, seq_length=seq_length,
+                                              core_attention=core_attention)
     base_cfg, base_recursion = vanilla_of_same_depth(model_cfg, recursion)
     configs = {"mor": (model_cfg, recursion), "vanilla": (base_cfg, base_recursion)}
     trainees = {}

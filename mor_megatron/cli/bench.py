@@ -48,7 +48,8 @@ def _train(args: argparse.Namespace) -> str:
         comparison = compare_training(args.preset, pg_collection=ctx.pg_collection, device=ctx.device,
                                       hidden_size=args.hidden_size, seq_length=args.seq_length,
                                       batch_size=args.batch_size, steps=args.steps,
-                                      warmup_steps=args.warmup_steps, lr=args.lr)
+                                      warmup_steps=args.warmup_steps, lr=args.lr,
+                                      core_attention=args.core_attention)
     finally:
         destroy_distributed()
     return report(comparison, as_json=args.json)
@@ -88,6 +89,8 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--steps", type=_positive_int, default=10, help="timed AdamW steps per model")
     train.add_argument("--warmup-steps", type=int, default=2, help="untimed steps before the measurements")
     train.add_argument("--lr", type=float, default=3e-3)
+    train.add_argument("--core-attention", choices=["sdpa", "megatron"], default="sdpa",
+                       help="attention kernel of both models (model.core_attention)")
     train.set_defaults(run=_train)
     return parser
 

@@ -100,23 +100,19 @@ class ActiveTokens:
     def attention_mask(self, input_mask: Tensor | None) -> Tensor | None:
         """Boolean mask ``[b, 1, k, k]`` (True = masked) for attention among the compacted tokens.
 
-        None (megatron's default causal mask, and the fast fused path) when there is no padding and no input
-        mask. Otherwise: causal in compacted order, padded keys masked, and the caller's ``[b, 1, s, s]`` mask
-        (e.g. document masking) restricted to the active rows and columns.
+        None (plain causal attention: the fast kernels, no mask in memory) when there is no input mask, padded
+        rows included: a row's padded slots come after all its real ones, so causality already hides them
+        from every real query, and what padded queries compute is never scattered back. With the caller's
+        ``[b, 1, s, s]`` mask (e.g. document masking): causal in compacted order plus that mask restricted to
+        the active rows and columns.
         """
-        if self.valid is None and input_mask is None:
+        if input_mask is None:
             return None
         k = self.num_slots
         device = self.index.device
         causal = torch.triu(torch.ones(k, k, dtype=torch.bool, device=device), diagonal=1)[None, None]
-        mask = causal.expand(self.index.shape[0], 1, k, k)
-        if self.valid is not None:
-            mask = mask | ~self.valid[:, None, None, :]
-        if input_mask is not None:
-            rows = torch.gather(input_mask.expand(self.index.shape[0], -1, -1, -1)[:, 0], 1,
-                                self.index[:, :, None].expand(-1, -1, input_mask.shape[-1]))
-            mask = mask | torch.gather(rows, 2, self.index[:, None, :].expand(-1, k, -1))[:, None]
-        return mask
+        rows = self._active_rows(input_mask)
+        return causal | torch.gather(rows, 2, self.index[:, None, :].expand(-1, k, -1))[:, None]
 
     def cross_attention_mask(self, input_mask: Tensor | None) -> Tensor:
         """Mask ``[b, 1, k, s]`` for compacted queries over all ``s`` keys (KV sharing): key j is visible to the
@@ -124,10 +120,14 @@ class ActiveTokens:
         positions = torch.arange(self.seq_length, device=self.index.device)
         mask = positions[None, None, None, :] > self.index[:, None, :, None]
         if input_mask is not None:
-            rows = torch.gather(input_mask.expand(self.index.shape[0], -1, -1, -1)[:, 0], 1,
-                                self.index[:, :, None].expand(-1, -1, input_mask.shape[-1]))
-            mask = mask | rows[:, None]
+            mask = mask | self._active_rows(input_mask)[:, None]
         return mask
+
+    def _active_rows(self, input_mask: Tensor) -> Tensor:
+        """The rows of the caller's ``[b | 1, 1, s, s]`` mask at the active positions: ``[b, k, s]``."""
+        batch = self.index.shape[0]
+        return torch.gather(input_mask.expand(batch, -1, -1, -1)[:, 0], 1,
+                            self.index[:, :, None].expand(-1, -1, input_mask.shape[-1]))
 
     def _scatter_index(self) -> Tensor:
         if self.valid is None:

@@ -73,7 +73,8 @@ def build_model(model: ModelConfig, recursion: RecursionConfig, config: Transfor
     per call; ``pipeline_seq_length`` (the training sequence length) fixes the stage-boundary tensor's shape.
     """
     layout = layer_layout(model, recursion)
-    block_spec = mor_block_spec(layout, provider or default_provider(model.transformer_impl))
+    block_spec = mor_block_spec(layout, provider or default_provider(model.transformer_impl),
+                                core_attention=model.core_attention)
     pp_group = pg_collection.pp
     pp_rank, pp_size = get_pg_rank(pp_group), get_pg_size(pp_group)
     if pp_size > 1 and pipeline_seq_length is None:

@@ -1,7 +1,7 @@
 """megatron-core module specs for MoR models: one layer spec, repeated per unique layer, plus the final norm.
 
-The local provider (megatron-core's own column/row-parallel linears and ``DotProductAttention``) runs anywhere,
-CPU included; the Transformer Engine provider is used when TE is importable and CUDA is present. In both the
+The local provider (megatron-core's own column/row-parallel linears, with torch's SDPA as core attention by
+default, :mod:`mor_megatron.model.core_attention`) runs anywhere, CPU included; the Transformer Engine provider is used when TE is importable and CUDA is present. In both the
 self-attention module is :class:`MoRSelfAttention`, which adds KV sharing and is otherwise the stock one.
 """
 
@@ -21,8 +21,9 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
-from mor_megatron.config import LayerLayout, TransformerImpl
+from mor_megatron.config import CoreAttention, LayerLayout, TransformerImpl
 from mor_megatron.model.attention import MoRSelfAttention
+from mor_megatron.model.core_attention import SDPAttention
 
 SpecProvider = Literal["local", "transformer_engine"]
 
@@ -38,18 +39,25 @@ def resolve_provider(requested: TransformerImpl, *, cuda_available: bool) -> Spe
     return requested
 
 
-def mor_layer_spec(provider: SpecProvider) -> ModuleSpec:
-    """Llama-style layer (RMSNorm, SwiGLU via the config, RoPE) whose attention is :class:`MoRSelfAttention`."""
+def mor_layer_spec(provider: SpecProvider, *, core_attention: CoreAttention = "sdpa") -> ModuleSpec:
+    """Llama-style layer (RMSNorm, SwiGLU via the config, RoPE) whose attention is :class:`MoRSelfAttention`.
+
+    ``core_attention`` picks the local layers' kernel (:class:`SDPAttention` or megatron's
+    ``DotProductAttention``); the Transformer Engine layers keep TE's.
+    """
     if provider == "transformer_engine":
         base = get_gpt_layer_with_transformer_engine_spec()
     else:
         base = get_gpt_layer_local_spec(normalization="RMSNorm")
     spec = copy.deepcopy(base)
     spec.submodules.self_attention.module = MoRSelfAttention
+    if provider == "local" and core_attention == "sdpa":
+        spec.submodules.self_attention.submodules.core_attention = SDPAttention
     return spec
 
 
-def mor_block_spec(layout: LayerLayout, provider: SpecProvider) -> TransformerBlockSubmodules:
+def mor_block_spec(layout: LayerLayout, provider: SpecProvider, *,
+                   core_attention: CoreAttention = "sdpa") -> TransformerBlockSubmodules:
     """One layer spec per unique layer and the final norm, in the order :class:`MoRBlock` indexes them."""
     if provider == "transformer_engine":
         from megatron.core.extensions.transformer_engine import TENorm
@@ -57,7 +65,7 @@ def mor_block_spec(layout: LayerLayout, provider: SpecProvider) -> TransformerBl
         final_norm = TENorm
     else:
         final_norm = WrappedTorchNorm
-    layer = mor_layer_spec(provider)
+    layer = mor_layer_spec(provider, core_attention=core_attention)
     return TransformerBlockSubmodules(layer_specs=[layer] * layout.num_unique_layers, layer_norm=final_norm)
 
 
