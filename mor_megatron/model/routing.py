@@ -76,8 +76,13 @@ class ExpertChoiceRouter(nn.Module):
         _init_router_weight(self.weight, init_std)
 
     def logits(self, recursion_idx: int, hidden: Tensor) -> Tensor:
-        """Router logits ``[k, b]`` of the candidate tokens ``hidden`` ``[k, b, h]`` for 0-based recursion."""
-        return F.linear(hidden / self.temperature, self.weight[recursion_idx : recursion_idx + 1]).squeeze(-1)
+        """fp32 router logits ``[k, b]`` of the candidate tokens ``hidden`` ``[k, b, h]`` for 0-based recursion.
+
+        In fp32 whatever the model's dtype: bf16 logits (8-bit mantissa) tie often, and a tie broken differently
+        changes which tokens are routed, between TP ranks' kernels or between training and serving.
+        """
+        weight = self.weight[recursion_idx : recursion_idx + 1].float()
+        return F.linear(hidden.float() / self.temperature, weight).squeeze(-1)
 
     def route(self, recursion_idx: int, hidden: Tensor, candidates: ActiveTokens | None, seq_length: int,
               mode: RoutingMode) -> RoutingDecision:
@@ -90,7 +95,7 @@ class ExpertChoiceRouter(nn.Module):
             mode: `topk` (training) or `causal` (threshold on sigmoid(z), what serving does).
         """
         cand_hidden = hidden if candidates is None else candidates.gather(hidden)
-        logits = self.logits(recursion_idx, cand_hidden).float()  # [c, b]
+        logits = self.logits(recursion_idx, cand_hidden)  # [c, b], fp32
         cand_valid = None if candidates is None else candidates.valid
         batch = hidden.shape[1]
         cand_index = (torch.arange(seq_length, device=hidden.device).expand(batch, -1)
@@ -178,7 +183,8 @@ class TokenChoiceRouter(nn.Module):
             aux_loss: scalar balancing (+ z) loss, coefficient-scaled; None in loss-free mode without z-loss.
             stats: detached logging scalars.
         """
-        logits = F.linear(hidden / self.temperature, self.weight).float().transpose(0, 1)  # [b, s, R]
+        # fp32 for the same reason as ExpertChoiceRouter.logits: the argmax must not depend on bf16 rounding.
+        logits = F.linear(hidden.float() / self.temperature, self.weight.float()).transpose(0, 1)  # [b, s, R]
         probs = torch.softmax(logits, dim=-1)
         scores = probs + self.depth_bias if self.balancing == "loss_free" else probs
         depth = torch.argmax(scores, dim=-1)

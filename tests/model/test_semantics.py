@@ -208,3 +208,29 @@ def test_tiny_model_overfits_a_batch(pg_collection, name):
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.1 * losses[0], losses[::10]
+
+
+def test_bf16_routing_decides_as_fp32_on_the_same_values():
+    """Router logits, top-k, gates and the token-choice argmax are computed in fp32 from bf16 weights and states,
+    so a bf16 model routes exactly like an fp32 model holding the same (bf16-representable) values."""
+    from mor_megatron.model.routing import TokenChoiceRouter
+
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(512, 2, 256, generator=generator).bfloat16()  # many tokens: bf16 logits would tie
+    expert = {dtype: ExpertChoiceRouter(hidden_size=256, capacities=(1.0, 0.5), alpha=0.1, temperature=1.0,
+                                        aux_loss_coeff=0.001, z_loss_coeff=0.0, init_std=0.02, params_dtype=dtype)
+              for dtype in (torch.bfloat16, torch.float32)}
+    token = {dtype: TokenChoiceRouter(hidden_size=256, num_recursions=3, alpha=1.0, temperature=1.0,
+                                      balancing="loss", aux_loss_coeff=0.1, z_loss_coeff=0.0, init_std=0.02,
+                                      params_dtype=dtype)
+             for dtype in (torch.bfloat16, torch.float32)}
+    with torch.no_grad():
+        expert[torch.float32].weight.copy_(expert[torch.bfloat16].weight.float())
+        token[torch.float32].weight.copy_(token[torch.bfloat16].weight.float())
+    decisions = {dtype: expert[dtype].route(1, hidden.to(dtype), None, 512, "topk") for dtype in expert}
+    low, full = decisions[torch.bfloat16], decisions[torch.float32]
+    assert torch.equal(low.active.index, full.active.index)
+    assert torch.equal(low.gate.float(), full.gate.to(torch.bfloat16).float())
+    assert low.aux_loss.dtype == torch.float32 and torch.equal(low.aux_loss, full.aux_loss)
+    depths = {dtype: token[dtype].assign(hidden.to(dtype))[0] for dtype in token}
+    assert torch.equal(depths[torch.bfloat16], depths[torch.float32])

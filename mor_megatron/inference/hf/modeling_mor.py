@@ -323,7 +323,8 @@ class MoRRouter(nn.Module):
     def logits(self, hidden: Tensor, recursion_idx: int | None = None) -> Tensor:
         """fp32 logits: ``[b, s]`` for one recursion's row, or ``[b, s, R]`` for all rows."""
         weight = self.weight if recursion_idx is None else self.weight[recursion_idx:recursion_idx + 1]
-        logits = F.linear(hidden / self.temperature, weight).float()
+        # fp32 products, as in training (mor_megatron.model.routing): bf16 logits tie and flip routing decisions.
+        logits = F.linear(hidden.float() / self.temperature, weight.float())
         return logits if recursion_idx is None else logits.squeeze(-1)
 
 
