@@ -17,6 +17,14 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 
+def pytest_configure(config):
+    """CPU tests stay CPU tests on a GPU machine: unless GPU tests are selected (``-m gpu``), CUDA is hidden from
+    this process and from every rank, job and server the tests start (they inherit the environment)."""
+    expression = config.option.markexpr or ""
+    if "gpu" not in expression or "not gpu" in expression:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+
 @pytest.fixture(autouse=True)
 def _reset_default_dtype():
     """Restore torch's default dtype after each test, so a test that changes it cannot leak into the next."""

@@ -20,11 +20,12 @@ def tiny(name: str, **recursion_overrides) -> tuple[ModelConfig, RecursionConfig
     return model, recursion
 
 
-def make_model(model: ModelConfig, recursion: RecursionConfig, pg_collection, *, tp: int = 1, seed: int = 0):
-    """Build a MoRGPTModel in fp32 with a fixed seed."""
+def make_model(model: ModelConfig, recursion: RecursionConfig, pg_collection, *, tp: int = 1, seed: int = 0,
+               provider: str = "local"):
+    """Build a MoRGPTModel in fp32 with a fixed seed (local layers unless ``provider`` says otherwise)."""
     torch.manual_seed(seed)
     config = transformer_config(model, recursion, ParallelConfig(tensor_parallel_size=tp))
-    return build_model(model, recursion, config, pg_collection=pg_collection, provider="local")
+    return build_model(model, recursion, config, pg_collection=pg_collection, provider=provider)
 
 
 def make_stock_gpt(model: ModelConfig, num_layers: int, pg_collection) -> GPTModel:
