@@ -12,11 +12,12 @@ forward pass; megatron's ``TransformerLayer.forward`` signature has no slot for 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from torch import Tensor
 
 from megatron.core.transformer.attention import SelfAttention
+from megatron.core.transformer.enums import AttnMaskType
 
 
 @dataclass
@@ -35,9 +36,26 @@ class KVShareSession:
 
 
 class MoRSelfAttention(SelfAttention):
-    """megatron-core ``SelfAttention`` that can record and reuse first-recursion keys/values."""
+    """megatron-core ``SelfAttention`` that can record and reuse first-recursion keys/values.
+
+    An explicit ``attention_mask`` (KV sharing's compacted queries over all keys, document masks) is handed to
+    the core attention as an `arbitrary` mask: Transformer Engine's attention applies only the mask type it is
+    told, so under the spec's `causal` type it would build its own causal mask and ignore this one. The local
+    kernels use the mask either way.
+    """
 
     kv_share_session: KVShareSession | None = None
+
+    def forward(self, hidden_states: Tensor, attention_mask: Tensor | None, *args: Any, **kwargs: Any):
+        """As the parent; with a mask, the core attention sees ``AttnMaskType.arbitrary`` for this call."""
+        if attention_mask is None or self.attn_mask_type != AttnMaskType.causal:
+            return super().forward(hidden_states, attention_mask, *args, **kwargs)
+        # megatron's forward reads the mask type from the module, so it is switched for the call only.
+        self.attn_mask_type = AttnMaskType.arbitrary
+        try:
+            return super().forward(hidden_states, attention_mask, *args, **kwargs)
+        finally:
+            self.attn_mask_type = AttnMaskType.causal
 
     def get_query_key_value_tensors(self, hidden_states: Tensor, key_value_states: Tensor | None = None,
                                     output_gate: bool = False, split_qkv: bool = True):
