@@ -8,6 +8,7 @@ groups with stdout/stderr in files and kills whatever is still running on exit, 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -109,3 +110,13 @@ def wait_all(agents: Sequence[Agent], timeout_s: float) -> list[int]:
             raise AssertionError(f"pretraining still running after {timeout_s:g} s:\n"
                                  + "\n".join(a.report() for a in agents)) from None
     return [agent.proc.returncode for agent in agents]
+
+
+def jsonl_metrics(output_dir: Path) -> dict[int, dict[str, float]]:
+    """The metric records of ``output_dir/metrics.jsonl`` (every run that wrote there) merged per step."""
+    merged: dict[int, dict[str, float]] = {}
+    for line in (output_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if record["kind"] == "metrics":
+            merged.setdefault(record["step"], {}).update(record["metrics"])
+    return merged

@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 
 from tests.dist.launch import run_ranks
+from tests.dist.pretrain_job import jsonl_metrics
 from tests.dist.preemption import Preempted, PreemptedAfter
 
 pytestmark = [pytest.mark.dist, pytest.mark.timeout(420)]
@@ -56,16 +57,6 @@ def _strict_zero3_json(path: Path) -> Path:
     return path
 
 
-def _metrics(output_dir: Path) -> dict[int, dict[str, float]]:
-    """The JSONL metric lines of a run merged per step."""
-    merged: dict[int, dict[str, float]] = {}
-    for line in (output_dir / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if record["kind"] == "metrics":
-            merged.setdefault(record["step"], {}).update(record["metrics"])
-    return merged
-
-
 def _params(output_dir: Path) -> dict[str, str]:
     """The JSONL run parameters of a run merged (the config and what the trainer adds)."""
     merged: dict[str, str] = {}
@@ -77,7 +68,7 @@ def _params(output_dir: Path) -> dict[str, str]:
 
 
 def _losses(output_dir: Path, key: str = "train/lm_loss") -> dict[int, float]:
-    return {step: values[key] for step, values in _metrics(output_dir).items() if key in values}
+    return {step: values[key] for step, values in jsonl_metrics(output_dir).items() if key in values}
 
 
 def _assert_close(actual: dict[int, float], expected: dict[int, float], what: str, tol: float = TOLERANCE) -> None:
@@ -209,8 +200,8 @@ def zero3_jobs(tiny_data, tmp_path_factory):
 
 
 def test_zero3_resume_continues_the_exact_loss_sequence(zero3_jobs):
-    straight = _metrics(zero3_jobs / "straight")
-    resumed = _metrics(zero3_jobs / "resumed")
+    straight = jsonl_metrics(zero3_jobs / "straight")
+    resumed = jsonl_metrics(zero3_jobs / "resumed")
     assert sorted(resumed) == list(range(1, STEPS + 1))  # steps 1-3 before the stop, 4-5 after the resume
     for step in range(1, STEPS + 1):
         for key in ("train/lm_loss", "optim/grad_norm", "optim/lr", "val/loss"):
@@ -256,7 +247,7 @@ def test_zero3_checkpoint_converts_and_evaluates_identically_on_the_megatron_pat
     assert converted == str(tmp_path / "megatron" / "step_00000005")
     result = run_ranks(_evaluate_converted, 2, tmp_path / "ranks", timeout_s=300,
                        overrides=_base(tiny_data, tmp_path / "eval"), converted=str(tmp_path / "megatron"))[0]
-    logged = _metrics(zero3_jobs / "straight")[STEPS]
+    logged = jsonl_metrics(zero3_jobs / "straight")[STEPS]
     assert result["step"] == STEPS
     assert result["val/loss"] == pytest.approx(logged["val/loss"], rel=0, abs=1e-6)
     assert result["val/loss_causal"] == pytest.approx(logged["val/loss_causal"], rel=0, abs=1e-6)
@@ -363,7 +354,7 @@ def test_tp2_dp2_trains_under_zero2_and_zero3_and_converts(tiny_data, tmp_path):
     result = run_ranks(_evaluate_converted, 2, tmp_path / "eval_ranks", timeout_s=300,
                        overrides=_base(tiny_data, tmp_path / "eval", "preset=tiny-mor-e-r3"),
                        converted=str(Path(converted).parent))[0]
-    assert result["val/loss"] == pytest.approx(_metrics(tmp_path / "zero3")[STEPS]["val/loss"], rel=0, abs=1e-6)
+    assert result["val/loss"] == pytest.approx(jsonl_metrics(tmp_path / "zero3")[STEPS]["val/loss"], rel=0, abs=1e-6)
 
 
 @pytest.mark.slow

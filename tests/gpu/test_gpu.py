@@ -7,7 +7,6 @@ fp32 within 0.05 in loss over ten steps of a tiny model (bf16 keeps 8 mantissa b
 
 from __future__ import annotations
 
-import json
 import socket
 from dataclasses import replace
 from pathlib import Path
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.dist.pretrain_job import pretrain_command, torchrun_agents, wait_all
+from tests.dist.pretrain_job import jsonl_metrics, pretrain_command, torchrun_agents, wait_all
 from tests.gpu.conftest import requires_cuda
 from tests.model.helpers import batch, make_model, tiny
 
@@ -70,12 +69,7 @@ def _train(tiny_data, output_dir: Path, *extra: str) -> dict[int, dict[str, floa
                          output_dir / "logs") as agents:
         codes = wait_all(agents, timeout_s=300)
     assert codes == [0], agents[0].stderr.read_text()[-3000:]
-    merged: dict[int, dict[str, float]] = {}
-    for line in (output_dir / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if record["kind"] == "metrics":
-            merged.setdefault(record["step"], {}).update(record["metrics"])
-    return merged
+    return jsonl_metrics(output_dir)
 
 
 def test_bf16_training_follows_fp32_and_logs_cuda_memory_and_mfu(tiny_data, tmp_path):
