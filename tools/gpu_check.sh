@@ -66,6 +66,11 @@ EOF
   echo '```'
 } >"$report"
 failed=0
+# Without CUDA every GPU test would skip and the check would prove nothing.
+if ! $PYTHON -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+  echo "gpu_check: FAIL: torch sees no CUDA device here" | tee -a "$report"
+  failed=1
+fi
 if [ -e "${wheels[0]}" ]; then
   if ! $PYTHON -m pip install --quiet --no-index --no-deps "${wheels[@]}" >>"$report_dir/install.log" 2>&1; then
     echo "gpu_check: installing the carried wheels failed (see $report_dir/install.log)" | tee -a "$report"
