@@ -72,7 +72,10 @@ if ! $PYTHON -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else
   failed=1
 fi
 if [ -e "${wheels[0]}" ]; then
-  if ! $PYTHON -m pip install --quiet --no-index --no-deps "${wheels[@]}" >>"$report_dir/install.log" 2>&1; then
+  install=($PYTHON -m pip install --quiet --no-index --no-deps "${wheels[@]}")
+  # A system Python marked externally managed (PEP 668) refuses plain installs; the machine is ours for the check.
+  if ! "${install[@]}" >>"$report_dir/install.log" 2>&1 \
+      && ! "${install[@]}" --break-system-packages >>"$report_dir/install.log" 2>&1; then
     echo "gpu_check: installing the carried wheels failed (see $report_dir/install.log)" | tee -a "$report"
     failed=1
   fi
