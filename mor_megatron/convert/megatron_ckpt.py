@@ -140,8 +140,9 @@ def _model_key_prefix(keys: list[str], step_dir: Path) -> str:
 def read_checkpoint(path: str | Path) -> MegatronCheckpoint:
     """Load the model tensors and job config of a checkpoint (``path``: step folder or save_dir).
 
-    Reads the ``torch_dist`` files with torch's own ``torch.distributed.checkpoint`` in this process alone: no
-    process group, no megatron-core and no CPU runtime, so a conversion leaves the process as it found it.
+    Reads the tensors with torch's own ``torch.distributed.checkpoint`` and the common state with megatron's
+    reader, in this process alone: no process group and no CPU runtime, so a conversion leaves the process as
+    it found it.
     """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import FileSystemReader

@@ -44,12 +44,10 @@ class SDPAttention(MegatronModule):
             raise ValueError("SDPAttention does not support sliding-window attention (config.window_size)")
         if getattr(config, "softmax_type", "vanilla") != "vanilla":
             raise ValueError(f"SDPAttention supports softmax_type='vanilla' only, not {config.softmax_type!r}")
-        if pg_collection is None:
-            raise ValueError("SDPAttention needs pg_collection (its tp group sizes the heads of this rank)")
-        tp_size = pg_collection.tp.size()
         self.attn_mask_type = attn_mask_type
-        self.num_heads_per_partition = config.num_attention_heads // tp_size
-        self.num_groups_per_partition = config.num_query_groups // tp_size
+        # Heads and query groups split evenly over TP ranks, so a rank holds grouped queries iff the model does;
+        # SDPA reads this rank's head counts from the tensors (pg_collection is accepted for the signature).
+        self.grouped_query = config.num_attention_heads != config.num_query_groups
         head_dim = config.kv_channels
         # No layer_number factor for apply_query_key_layer_scaling: megatron divides the scores by it and
         # multiplies it back inside its fp32 softmax, which SDPA's kernels compute in fp32 anyway.
@@ -72,7 +70,7 @@ class SDPAttention(MegatronModule):
         allowed = None if attention_mask is None else ~attention_mask
         dropout_p = self.dropout_p if self.training else 0.0
         attend = dict(attn_mask=allowed, dropout_p=dropout_p, is_causal=causal, scale=self.softmax_scale,
-                      enable_gqa=self.num_heads_per_partition != self.num_groups_per_partition)
+                      enable_gqa=self.grouped_query)
         if dropout_p > 0.0 and not self.config.sequence_parallel:
             with tensor_parallel.get_cuda_rng_tracker().fork():
                 context = F.scaled_dot_product_attention(q, k, v, **attend)

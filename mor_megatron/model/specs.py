@@ -1,8 +1,9 @@
 """megatron-core module specs for MoR models: one layer spec, repeated per unique layer, plus the final norm.
 
 The local provider (megatron-core's own column/row-parallel linears, with torch's SDPA as core attention by
-default, :mod:`mor_megatron.model.core_attention`) runs anywhere, CPU included; the Transformer Engine provider is used when TE is importable and CUDA is present. In both the
-self-attention module is :class:`MoRSelfAttention`, which adds KV sharing and is otherwise the stock one.
+default, :mod:`mor_megatron.model.core_attention`) runs anywhere, CPU included; the Transformer Engine
+provider is used when TE is importable and CUDA is present. In both the self-attention module is
+:class:`MoRSelfAttention`, which adds KV sharing and is otherwise the stock one.
 """
 
 from __future__ import annotations

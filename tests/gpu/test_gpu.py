@@ -7,13 +7,13 @@ fp32 within 0.05 in loss over ten steps of a tiny model (bf16 keeps 8 mantissa b
 
 from __future__ import annotations
 
-import socket
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.dist.mlflow_server import free_port
 from tests.dist.pretrain_job import jsonl_metrics, pretrain_command, torchrun_agents, wait_all
 from tests.gpu.conftest import requires_cuda
 from tests.model.helpers import batch, make_model, tiny
@@ -21,12 +21,6 @@ from tests.model.helpers import batch, make_model, tiny
 pytestmark = [pytest.mark.gpu, requires_cuda]
 
 STEPS = 10
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _loss_and_grads(context, preset: str, core_attention: str, provider: str = "local"):
@@ -65,7 +59,7 @@ def _train(tiny_data, output_dir: Path, *extra: str) -> dict[int, dict[str, floa
                  "train.seq_length=128", "train.micro_batch_size=4", "train.global_batch_size=8",
                  "train.log_interval=1", "train.eval_interval=5", "train.eval_steps=1", "optim.warmup_steps=2",
                  "tracking.enabled=false", f"output_dir={output_dir}", *extra]
-    with torchrun_agents([pretrain_command(master_port=_free_port(), overrides=overrides)],
+    with torchrun_agents([pretrain_command(master_port=free_port(), overrides=overrides)],
                          output_dir / "logs") as agents:
         codes = wait_all(agents, timeout_s=300)
     assert codes == [0], agents[0].stderr.read_text()[-3000:]
