@@ -114,15 +114,6 @@ class ActiveTokens:
         rows = self._active_rows(input_mask)
         return causal | torch.gather(rows, 2, self.index[:, None, :].expand(-1, k, -1))[:, None]
 
-    def cross_attention_mask(self, input_mask: Tensor | None) -> Tensor:
-        """Mask ``[b, 1, k, s]`` for compacted queries over all ``s`` keys (KV sharing): key j is visible to the
-        query at original position p iff j <= p (and the caller's mask allows it)."""
-        positions = torch.arange(self.seq_length, device=self.index.device)
-        mask = positions[None, None, None, :] > self.index[:, None, :, None]
-        if input_mask is not None:
-            mask = mask | self._active_rows(input_mask)[:, None]
-        return mask
-
     def _active_rows(self, input_mask: Tensor) -> Tensor:
         """The rows of the caller's ``[b | 1, 1, s, s]`` mask at the active positions: ``[b, k, s]``."""
         batch = self.index.shape[0]

@@ -5,6 +5,12 @@ recursions compute queries only for their active tokens and attend over the reco
 whole sequence (paper section 2.2.2). Everything else is megatron-core's ``SelfAttention`` unchanged: with no
 share session attached, this module behaves exactly like its parent.
 
+The compacted queries of a reused recursion attend over all keys with ``key_pos <= query_pos``. Instead of a
+dense ``[b, 1, k, s]`` mask, they are spread back to their original positions (zeros elsewhere) around the core
+attention, which then runs plain causal attention over the full length and is read at the active rows: the
+flash kernels apply (torch's SDPA and Transformer Engine alike, with the spec's own causal mask type), and the
+memory is O(s) instead of O(k * s).
+
 The recursion block attaches a :class:`KVShareSession` to each shared layer's attention for the duration of a
 forward pass; megatron's ``TransformerLayer.forward`` signature has no slot for it.
 """
@@ -19,6 +25,8 @@ from torch import Tensor
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.enums import AttnMaskType
 
+from mor_megatron.model.active_tokens import ActiveTokens
+
 
 @dataclass
 class KVShareSession:
@@ -26,25 +34,53 @@ class KVShareSession:
 
     ``mode`` is `record` during the first recursion (store K/V of all tokens, before RoPE) and `reuse`
     afterwards (replace K/V by the stored ones). Keys are stored un-rotated so RoPE is applied at attention
-    time with the full sequence's positions.
+    time with the full sequence's positions. ``queries`` are the active tokens of a `reuse` recursion that runs
+    on compacted tokens (None when every token takes part).
     """
 
     mode: Literal["record", "reuse"] = "record"
     key: Tensor | None = None
     value: Tensor | None = None
+    queries: ActiveTokens | None = None
     reuse_count: int = field(default=0)
 
 
 class MoRSelfAttention(SelfAttention):
     """megatron-core ``SelfAttention`` that can record and reuse first-recursion keys/values.
 
-    An explicit ``attention_mask`` (KV sharing's compacted queries over all keys, document masks) is handed to
-    the core attention as an `arbitrary` mask: Transformer Engine's attention applies only the mask type it is
-    told, so under the spec's `causal` type it would build its own causal mask and ignore this one. The local
-    kernels use the mask either way.
+    An explicit ``attention_mask`` (document masks) is handed to the core attention as an `arbitrary` mask:
+    Transformer Engine's attention applies only the mask type it is told, so under the spec's `causal` type it
+    would build its own causal mask and ignore this one. The local kernels use the mask either way.
     """
 
     kv_share_session: KVShareSession | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        # Hooks rather than a wrapper module: the core attention keeps its place in the state dict (TE's holds
+        # an `_extra_state`), and megatron calls it the same way in every version.
+        self.core_attention.register_forward_pre_hook(self._spread_shared_queries, with_kwargs=True)
+        self.core_attention.register_forward_hook(self._read_shared_queries)
+
+    def _reused_queries(self) -> ActiveTokens | None:
+        session = self.kv_share_session
+        return session.queries if session is not None and session.mode == "reuse" else None
+
+    def _spread_shared_queries(self, module, args: tuple, kwargs: dict):
+        """Before the core attention: compacted queries ``[k, b, np, hn]`` -> ``[s, b, np, hn]``."""
+        queries = self._reused_queries()
+        if queries is None:
+            return None
+        query, *rest = args
+        k, batch = query.shape[:2]
+        full = query.new_zeros(queries.seq_length, batch, query.shape[2] * query.shape[3])
+        spread = queries.scatter(full, query.reshape(k, batch, -1)).view(-1, *query.shape[1:])
+        return (spread, *rest), kwargs
+
+    def _read_shared_queries(self, module, args: tuple, output: Tensor) -> Tensor | None:
+        """After the core attention: ``[s, b, np * hn]`` -> the active rows ``[k, b, np * hn]``."""
+        queries = self._reused_queries()
+        return None if queries is None else queries.gather(output)
 
     def forward(self, hidden_states: Tensor, attention_mask: Tensor | None, *args: Any, **kwargs: Any):
         """As the parent; with a mask, the core attention sees ``AttnMaskType.arbitrary`` for this call."""

@@ -211,7 +211,8 @@ class MoRBlock(TransformerBlock):
         reuse_kv = sessions is not None and recursion_idx > 0
         if reuse_kv:
             q_rope = rotary_pos_emb if is_full or rotary_pos_emb is None else active.gather_rotary(rotary_pos_emb)
-            kwargs = dict(attention_mask=active.cross_attention_mask(attention_mask),
+            # Queries are spread to full length around the core attention, so the caller's mask applies as is.
+            kwargs = dict(attention_mask=attention_mask,
                           rotary_pos_emb=None if rotary_pos_emb is None else (q_rope, rotary_pos_emb))
         elif is_full:
             kwargs = dict(attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb)
@@ -221,6 +222,7 @@ class MoRBlock(TransformerBlock):
         if sessions is not None:
             for session in sessions.values():
                 session.mode = "reuse" if reuse_kv else "record"
+                session.queries = active if reuse_kv and not is_full else None
 
         y = x
         for idx in self.layout.recursion_layers(recursion_idx):

@@ -2,7 +2,7 @@
 
 Models differ only in ``model.core_attention`` (neither kernel has parameters, so one seed gives the same
 weights). Covered: expert-choice top-k (no padding), token-choice and causal routing (rows padded to the longest
-one, no mask: causal order hides the padding), KV sharing (compacted queries over all keys, a cross mask), and
+one, no mask: causal order hides the padding), KV sharing (compacted queries spread to full length over all keys), and
 document masks (an explicit ``[b, 1, s, s]`` mask restricted to the active tokens).
 """
 
@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from mor_megatron.model.active_tokens import ActiveTokens
+from mor_megatron.model.attention import KVShareSession
 from mor_megatron.model.core_attention import SDPAttention
 
 from tests.model.helpers import batch, make_model, tiny
@@ -86,3 +87,34 @@ def test_padded_rows_need_no_mask(pg_collection):
     actual = sdpa(query, key, value, None).view(k, 2, heads, dim)
     real = active.valid.t()  # [k, b]
     assert (actual[real] - expected[real]).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("core_attention", ["sdpa", "megatron"])
+def test_kv_sharing_spread_queries_equal_the_cross_mask(pg_collection, core_attention):
+    """Reused K/V: compacted queries spread to full length under causal attention equal the dense ``[b, 1, k, s]``
+    mask (key j visible to the query at original position p iff j <= p), padded rows included."""
+    model_cfg, recursion = tiny("tiny-mor-e-r3-kvshare")
+    model = make_model(replace(model_cfg, core_attention=core_attention), recursion, pg_collection)
+    attention = model.decoder._layer(0).self_attention
+    seq_length, batch_size = 12, 2
+    generator = torch.Generator().manual_seed(5)
+    hidden = torch.randn(seq_length, batch_size, model_cfg.hidden_size, generator=generator)
+    rope = model.rotary_pos_emb(seq_length)
+    active = ActiveTokens.from_mask(torch.tensor([[1, 0, 0, 1, 1, 0, 1, 0, 0, 1, 0, 1],
+                                                  [0, 1, 0, 0, 0, 0, 1, 0, 1, 0, 0, 0]]).bool())
+    assert active.valid is not None  # rows of different lengths
+    compacted = active.gather(torch.randn(seq_length, batch_size, model_cfg.hidden_size, generator=generator))
+    reused_rope = (active.gather_rotary(rope), rope)
+    session = KVShareSession()
+    attention.kv_share_session = session
+    with torch.no_grad():
+        attention(hidden, None, rotary_pos_emb=rope)  # records K/V of every token
+        session.mode, session.queries = "reuse", active
+        spread, _ = attention(compacted, None, rotary_pos_emb=reused_rope)
+        session.queries = None  # the reference: compacted queries, dense cross mask
+        cross = torch.arange(seq_length)[None, None, None, :] > active.index[:, None, :, None]
+        dense, _ = attention(compacted, cross, rotary_pos_emb=reused_rope)
+    attention.kv_share_session = None
+    assert spread.shape == dense.shape == compacted.shape
+    real = active.valid.t()
+    assert (spread[real] - dense[real]).abs().max().item() <= TOL
