@@ -18,8 +18,8 @@ wheels=(.gpu_wheels/*.whl)
 # name | time limit (s) | command
 steps=(
   "gpu tests|200|$PYTHON -m pytest -q -m gpu tests/gpu -rs -p no:cacheprovider"
-  "mor-bench model|60|$PYTHON -m mor_megatron.cli.bench model --preset 135m-mor-e-r3 --hidden-size 576 --seq-length 2048 --batch-size 8 --json"
-  "mor-bench train|90|$PYTHON -m mor_megatron.cli.bench train --preset 135m-mor-e-r2 --hidden-size 576 --seq-length 2048 --batch-size 4 --steps 5 --json"
+  "mor-bench model|60|$PYTHON -m mor_megatron.cli.bench model --preset 135m-mor-e-r3 --hidden-size 576 --seq-length 2048 --batch-size 8 --dtype bfloat16 --json"
+  "mor-bench train|90|$PYTHON -m mor_megatron.cli.bench train --preset 135m-mor-e-r2 --hidden-size 576 --seq-length 2048 --batch-size 4 --steps 5 --dtype bfloat16 --json"
   "mor-bench infer|60|$PYTHON -m mor_megatron.bench.infer_compare --device cuda --dtype bfloat16 --json"
 )
 

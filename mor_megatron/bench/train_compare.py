@@ -1,6 +1,6 @@
 """Training benchmark: a MoR preset and the vanilla model of the same unrolled depth, trained side by side.
 
-Both models are built in one process, get their own AdamW (fp32) and train on the *same* batches, one
+Both models are built in one process, get their own AdamW and train on the *same* batches, one
 optimizer step each in turn (the order alternates every step), so machine noise and cache state hit both.
 Printed figures are medians and ratios (MoR / vanilla) measured in that one run, with the FLOPs ratio of
 :mod:`mor_megatron.model.flops` beside them. It is a benchmark, not a test: it asserts nothing.
@@ -8,6 +8,11 @@ Printed figures are medians and ratios (MoR / vanilla) measured in that one run,
 Tokens. Byte-level token ids (0-255) of the running interpreter's standard-library sources, in the corpus
 order of :mod:`mor_megatron.data.corpus`: real text that needs no tokenizer, identical on every run, so the
 LM losses of the two models at equal tokens mean something (random ids would leave both at ``log V``).
+
+Precision: `float32`, or `bfloat16` (``--dtype``; :mod:`mor_megatron.bench.model_step`), where AdamW updates
+the bf16 parameters directly: the kernels are timed as in training, the optimizer without megatron's fp32 main
+copies. MFU (on a GPU with a known bf16 peak, bf16 only) = training FLOPs per token (the accounting model of
+:mod:`mor_megatron.model.flops`, LM head included) x tokens/s / peak.
 
 Step. ``zero_grad(set_to_none=True)``, forward with labels (MoR: expert/token-choice top-k routing; router
 losses enter backward through the activations), backward of the mean LM loss, ``clip_grad_norm_`` and
@@ -47,10 +52,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from mor_megatron.bench.model_step import vanilla_of_same_depth
-from mor_megatron.config import CoreAttention, ModelConfig, ParallelConfig, RecursionConfig, preset
-from mor_megatron.model.builder import build_model, transformer_config
+from mor_megatron.bench.model_step import bench_model_config, build_bench_model, synchronize, vanilla_of_same_depth
+from mor_megatron.config import CoreAttention
 from mor_megatron.model.flops import flops_per_token
+from mor_megatron.training.metrics import peak_flops_per_device
 
 MIB = 2**20
 MEMORY_METHOD = {
@@ -73,6 +78,7 @@ class ModelResult:
         step_peak_bytes: highest tensor memory allocated during a step above its start.
         final_loss: mean LM loss over the last quarter of the timed steps (at least one step).
         num_parameters: unique parameters (each shared weight counted once).
+        mfu: model FLOPs utilisation (module doc); None on CPU, in fp32 or on a GPU of unknown peak.
     """
 
     step_s: float
@@ -82,6 +88,7 @@ class ModelResult:
     step_peak_bytes: int
     final_loss: float
     num_parameters: int
+    mfu: float | None
 
     @property
     def peak_bytes(self) -> int:
@@ -95,6 +102,7 @@ class TrainComparison:
 
     preset: str
     device: str
+    dtype: str
     steps: int
     batch_size: int
     seq_length: int
@@ -120,25 +128,6 @@ class TrainComparison:
     def memory_ratio(self) -> float:
         """Peak tensor memory of a training step, MoR / vanilla."""
         return self.mor.peak_bytes / self.vanilla.peak_bytes
-
-
-def bench_model_config(preset_name: str, *, hidden_size: int | None, seq_length: int,
-                       core_attention: CoreAttention = "sdpa") -> tuple[ModelConfig, RecursionConfig]:
-    """The preset's model, optionally at another width, with ``max_seq_length >= seq_length``.
-
-    A width override keeps head dim 64 (plain multi-head attention) and a SwiGLU of ~8/3 x hidden, as
-    ``mor-bench model`` does. Raises ConfigError (a ValueError) for an unknown preset or a width the model
-    config rejects.
-    """
-    model, recursion = preset(preset_name)
-    fields = dict(model.__dict__)
-    if hidden_size is not None:
-        heads = max(1, hidden_size // 64)
-        fields.update(hidden_size=hidden_size, num_attention_heads=heads, num_query_groups=heads,
-                      ffn_hidden_size=hidden_size * 8 // 3 // 8 * 8)
-    fields["max_seq_length"] = max(seq_length, model.max_seq_length)
-    fields["core_attention"] = core_attention
-    return ModelConfig(**fields), recursion
 
 
 def text_batches(num_batches: int, *, batch_size: int, seq_length: int) -> list[Tensor]:
@@ -191,11 +180,6 @@ class BenchModel:
         return sum(storages.values())
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 _MEASURED_STEP = "mor_bench/measured_step"
 
 
@@ -211,11 +195,11 @@ def measure_step_memory(trainee: BenchModel, batches: tuple[Tensor, Tensor],
         trainee.step(first)
         trainee.optimizer.zero_grad(set_to_none=True)
         resident = trainee.resident_bytes(second)
-        _synchronize(device)
+        synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         start = torch.cuda.memory_allocated(device)
         trainee.step(second)
-        _synchronize(device)
+        synchronize(device)
         return resident, torch.cuda.max_memory_allocated(device) - start
     from torch.profiler import ProfilerActivity, profile, record_function
 
@@ -246,7 +230,8 @@ def measure_step_memory(trainee: BenchModel, batches: tuple[Tensor, Tensor],
 
 def compare_training(preset_name: str, *, pg_collection, device: torch.device, hidden_size: int | None,
                      seq_length: int, batch_size: int, steps: int, warmup_steps: int = 2,
-                     lr: float = 3e-3, core_attention: CoreAttention = "sdpa") -> TrainComparison:
+                     lr: float = 3e-3, core_attention: CoreAttention = "sdpa",
+                     dtype: torch.dtype = torch.float32) -> TrainComparison:
     """Train ``preset_name`` and its vanilla baseline on the same batches; see the module docstring.
 
     Args:
@@ -254,6 +239,7 @@ def compare_training(preset_name: str, *, pg_collection, device: torch.device, h
         device: where the models train (``ctx.device``).
         hidden_size: width override (None: the preset's).
         core_attention: the attention kernel of both models (``model.core_attention``).
+        dtype: ``torch.float32`` or ``torch.bfloat16`` (:func:`~mor_megatron.bench.model_step.build_bench_model`).
         steps: timed optimizer steps per model (>= 1), after ``warmup_steps`` untimed ones and two memory
             steps.
     """
@@ -265,12 +251,9 @@ def compare_training(preset_name: str, *, pg_collection, device: torch.device, h
                                               core_attention=core_attention)
     base_cfg, base_recursion = vanilla_of_same_depth(model_cfg, recursion)
     configs = {"mor": (model_cfg, recursion), "vanilla": (base_cfg, base_recursion)}
-    trainees = {}
-    for name, (m, r) in configs.items():
-        torch.manual_seed(0)
-        model = build_model(m, r, transformer_config(m, r, ParallelConfig()), pg_collection=pg_collection,
-                            provider="local").to(device)
-        trainees[name] = BenchModel(model, lr=lr)
+    trainees = {name: BenchModel(build_bench_model(m, r, pg_collection=pg_collection, device=device, dtype=dtype),
+                                 lr=lr)
+                for name, (m, r) in configs.items()}
     batches = [b.to(device) for b in text_batches(warmup_steps + 2 + steps, batch_size=batch_size,
                                                   seq_length=seq_length)]
     order = list(trainees)
@@ -284,25 +267,30 @@ def compare_training(preset_name: str, *, pg_collection, device: torch.device, h
     losses: dict[str, list[float]] = {name: [] for name in order}
     for i, batch in enumerate(batches[warmup_steps + 2:]):
         for name in order if i % 2 == 0 else order[::-1]:
-            _synchronize(device)
+            synchronize(device)
             start, cpu_start = time.perf_counter(), time.process_time()
             loss = trainees[name].step(batch)  # .item() inside waits for the device
-            _synchronize(device)
+            synchronize(device)
             times[name].append(time.perf_counter() - start)
             cpu_times[name].append(time.process_time() - cpu_start)
             losses[name].append(loss)
     tail = max(1, steps // 4)
+    flops = {name: flops_per_token(m, r, seq_length).training_flops_per_token_with_lm_head
+             for name, (m, r) in configs.items()}
+    peak = peak_flops_per_device(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    tokens_per_s = {name: batch_size * seq_length / statistics.median(times[name]) for name in order}
     results = {
         name: ModelResult(step_s=statistics.median(times[name]),
                           step_cpu_s=statistics.median(cpu_times[name]),
-                          tokens_per_s=batch_size * seq_length / statistics.median(times[name]),
+                          tokens_per_s=tokens_per_s[name],
                           resident_bytes=memory[name][0], step_peak_bytes=memory[name][1],
                           final_loss=statistics.fmean(losses[name][-tail:]),
-                          num_parameters=sum(p.numel() for p in trainees[name].model.parameters()))
+                          num_parameters=sum(p.numel() for p in trainees[name].model.parameters()),
+                          mfu=(flops[name] * tokens_per_s[name] / peak
+                               if peak is not None and dtype == torch.bfloat16 else None))
         for name in order}
-    flops = {name: flops_per_token(m, r, seq_length).training_flops_per_token_with_lm_head
-             for name, (m, r) in configs.items()}
-    return TrainComparison(preset=preset_name, device=device.type, steps=steps, batch_size=batch_size,
+    return TrainComparison(preset=preset_name, device=device.type, dtype=str(dtype).removeprefix("torch."),
+                           steps=steps, batch_size=batch_size,
                            seq_length=seq_length, hidden_size=model_cfg.hidden_size,
                            num_layers=base_cfg.num_layers, mor=results["mor"], vanilla=results["vanilla"],
                            flops_ratio=flops["mor"] / flops["vanilla"])
@@ -312,7 +300,7 @@ def report(comparison: TrainComparison, *, as_json: bool) -> str:
     """Human-readable table or one JSON object (flat keys, bytes as MiB) of a comparison."""
     c = comparison
     values: dict[str, object] = {
-        "preset": c.preset, "device": c.device, "steps": c.steps, "batch_size": c.batch_size,
+        "preset": c.preset, "device": c.device, "dtype": c.dtype, "steps": c.steps, "batch_size": c.batch_size,
         "seq_length": c.seq_length, "hidden_size": c.hidden_size, "num_layers": c.num_layers,
         "tokens_per_step": c.batch_size * c.seq_length, "memory_method": MEMORY_METHOD[c.device]}
     for name, result in (("mor", c.mor), ("vanilla", c.vanilla)):
@@ -321,7 +309,7 @@ def report(comparison: TrainComparison, *, as_json: bool) -> str:
             f"{name}_tokens_per_s": result.tokens_per_s,
             f"{name}_peak_mib": result.peak_bytes / MIB, f"{name}_resident_mib": result.resident_bytes / MIB,
             f"{name}_step_peak_mib": result.step_peak_bytes / MIB, f"{name}_final_loss": result.final_loss,
-            f"{name}_parameters": result.num_parameters})
+            f"{name}_parameters": result.num_parameters, f"{name}_mfu": result.mfu})
     values.update(time_ratio=c.time_ratio, cpu_time_ratio=c.cpu_time_ratio, memory_ratio=c.memory_ratio,
                   flops_ratio=c.flops_ratio)
     if as_json:
@@ -334,9 +322,10 @@ def report(comparison: TrainComparison, *, as_json: bool) -> str:
                     f"{r.resident_bytes / MIB:>10.1f}{r.step_peak_bytes / MIB:>9.1f}{r.final_loss:>8.3f}"
                     f"{r.num_parameters:>12,}")
     return "\n".join([
-        f"training steps on {c.device}: {c.steps} timed AdamW steps per model, same {c.batch_size} x "
+        f"training steps on {c.device} in {c.dtype}: {c.steps} timed AdamW steps per model, same {c.batch_size} x "
         f"{c.seq_length} token batches, hidden {c.hidden_size}, {c.num_layers} unrolled layers",
         *rows,
         f"ratio MoR/vanilla: time {c.time_ratio:.3f} (CPU time {c.cpu_time_ratio:.3f})   peak memory "
         f"{c.memory_ratio:.3f}   training FLOPs {c.flops_ratio:.3f}",
-        f"peak memory = {MEMORY_METHOD[c.device]}"])
+        f"peak memory = {MEMORY_METHOD[c.device]}",
+        *([f"MFU: MoR {c.mor.mfu:.3f}   vanilla {c.vanilla.mfu:.3f}"] if c.mor.mfu is not None else [])])

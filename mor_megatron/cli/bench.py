@@ -1,6 +1,6 @@
 """``mor-bench``: benchmarks that print MoR/vanilla ratios measured side by side in one run.
 
-    mor-bench model [--preset tiny-mor-e-r3] [--hidden-size 256] [--seq-length 512] [--json]
+    mor-bench model [--preset tiny-mor-e-r3] [--hidden-size 256] [--seq-length 512] [--dtype float32] [--json]
     mor-bench train [--preset tiny-mor-e-r2] [--steps 10] [--hidden-size 256] [--seq-length 512] [--json]
 
     mor-bench pipeline [--pp 2] [--preset tiny-mor-e-r3] [--json]       (launches torchrun jobs)
@@ -24,22 +24,24 @@ def _model(args: argparse.Namespace) -> str:
     from mor_megatron.config import ParallelConfig, preset
 
     preset(args.preset)  # a bad name fails here, before torch and megatron-core are imported
-    from mor_megatron.bench.model_step import compare, report
+    from mor_megatron.bench.model_step import DTYPES, compare, report
     from mor_megatron.runtime import destroy_distributed, init_distributed
 
     ctx = init_distributed(ParallelConfig(), seed=0)
     try:
-        timing = compare(args.preset, pg_collection=ctx.pg_collection, hidden_size=args.hidden_size,
-                         seq_length=args.seq_length, batch_size=args.batch_size, repeats=args.repeats)
+        timing = compare(args.preset, pg_collection=ctx.pg_collection, device=ctx.device,
+                         dtype=DTYPES[args.dtype], hidden_size=args.hidden_size, seq_length=args.seq_length,
+                         batch_size=args.batch_size, repeats=args.repeats)
     finally:
         destroy_distributed()
-    return report(timing, mor_preset=args.preset, as_json=args.json)
+    return report(timing, mor_preset=args.preset, device=ctx.device.type, dtype=args.dtype, as_json=args.json)
 
 
 def _train(args: argparse.Namespace) -> str:
     from mor_megatron.config import ParallelConfig, preset
 
     preset(args.preset)  # a bad name fails here, before torch and megatron-core are imported
+    from mor_megatron.bench.model_step import DTYPES
     from mor_megatron.bench.train_compare import compare_training, report
     from mor_megatron.runtime import destroy_distributed, init_distributed
 
@@ -49,7 +51,7 @@ def _train(args: argparse.Namespace) -> str:
                                       hidden_size=args.hidden_size, seq_length=args.seq_length,
                                       batch_size=args.batch_size, steps=args.steps,
                                       warmup_steps=args.warmup_steps, lr=args.lr,
-                                      core_attention=args.core_attention)
+                                      core_attention=args.core_attention, dtype=DTYPES[args.dtype])
     finally:
         destroy_distributed()
     return report(comparison, as_json=args.json)
@@ -69,6 +71,8 @@ def _add_size_args(parser: argparse.ArgumentParser, preset: str) -> None:
                         help="override the preset's width (CPU-sized default 256; head dim 64)")
     parser.add_argument("--seq-length", type=_positive_int, default=512)
     parser.add_argument("--batch-size", type=_positive_int, default=4)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="model precision (bfloat16: megatron's Float16Module, routing in fp32)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 

@@ -1,5 +1,5 @@
 """The GPU path: SDPA attention on CUDA, bf16 training next to fp32, CUDA memory metrics and MFU, resume on CUDA,
-Transformer Engine layers when installed.
+the HF export of a checkpoint trained and saved on CUDA, Transformer Engine layers when installed.
 
 Tolerances: fp32 with TF32 off agrees to 1e-4 between kernels (flash/efficient vs dense); bf16 training follows
 fp32 within 0.05 in loss over ten steps of a tiny model (bf16 keeps 8 mantissa bits; the loss starts near 7.6).
@@ -88,3 +88,38 @@ def test_resume_on_cuda_continues_the_uninterrupted_run(tiny_data, tmp_path):
     resumed = _train(tiny_data, stopped_dir, *common)
     for step in range(6, STEPS + 1):
         assert abs(resumed[step]["train/lm_loss"] - straight[step]["train/lm_loss"]) <= 1e-4, step
+
+
+def export_matches_the_trained_model(context, device: torch.device, workdir: Path) -> float:
+    """Train a tiny MoR-E a few AdamW steps on ``device``, save it, export it to HF, load that on ``device``;
+    the largest logit difference (causal routing) between the exported model and the trained one."""
+    from mor_megatron.config import config_from_dict, config_to_dict, validate
+    from mor_megatron.convert.to_hf import to_hf
+    from mor_megatron.training.checkpoint import Checkpointer, LoopState
+    from transformers import AutoModelForCausalLM
+
+    config = config_from_dict({"preset": "tiny-mor-e-r3", "model": {"vocab_size": 256, "max_seq_length": 64},
+                               "train": {"seq_length": 64}})
+    validate(config)
+    model = make_model(config.model, config.recursion, context.pg_collection, seed=5).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    tokens, positions = (t.to(device) for t in batch(config.model.vocab_size, seq_length=64))
+    for _ in range(3):
+        optimizer.zero_grad(set_to_none=True)
+        model(tokens, positions, None, labels=tokens).mean().backward()
+        optimizer.step()
+    Checkpointer(save_dir=str(workdir / "ckpt"), load_dir=None, keep_last=1, ctx=context).save(
+        3, model_chunks=[model], optimizer=None, scheduler=None, loop=LoopState(step=3),
+        config_dict=config_to_dict(config))
+    to_hf(workdir / "ckpt", workdir / "hf", include_tokenizer=False)
+    exported = AutoModelForCausalLM.from_pretrained(str(workdir / "hf"), trust_remote_code=True).to(device).eval()
+    model.eval()
+    with torch.no_grad():
+        expected = model(tokens, positions, None, routing_mode="causal")
+        actual = exported(tokens).logits
+    return (actual - expected).abs().max().item()
+
+
+def test_export_of_a_checkpoint_trained_on_cuda_equals_the_model(cuda_context, tmp_path):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    assert export_matches_the_trained_model(cuda_context, torch.device("cuda"), tmp_path) <= 1e-4

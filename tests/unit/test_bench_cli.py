@@ -27,8 +27,10 @@ def _json_line(result: subprocess.CompletedProcess) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def test_model_prints_times_and_ratios():
-    values = _json_line(_bench("model", *TINY, "--repeats", "1"))
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_model_prints_times_and_ratios(dtype):
+    values = _json_line(_bench("model", *TINY, "--repeats", "1", "--dtype", dtype))
+    assert values["device"] == "cpu" and values["dtype"] == dtype
     for key in ("mor_step_s", "vanilla_step_s", "time_ratio", "flops_ratio"):
         assert values[key] > 0, key
 
@@ -47,6 +49,16 @@ def test_train_prints_time_memory_and_ratios():
     # Same unrolled depth, fewer unique layers: MoR holds fewer parameters and runs fewer FLOPs per token.
     assert values["mor_parameters"] < values["vanilla_parameters"]
     assert values["flops_ratio"] < 1
+    assert values["dtype"] == "float32" and values["mor_mfu"] is None  # no peak FLOP/s for a CPU
+
+
+def test_train_in_bfloat16_holds_bf16_weights_and_learns():
+    values = _json_line(_bench("train", *TINY, "--steps", "4", "--warmup-steps", "0", "--dtype", "bfloat16"))
+    assert values["dtype"] == "bfloat16"
+    fp32 = _json_line(_bench("train", *TINY, "--steps", "4", "--warmup-steps", "0"))
+    # bf16 parameters and AdamW state take half the bytes of fp32 ones.
+    assert values["mor_resident_mib"] < 0.6 * fp32["mor_resident_mib"]
+    assert abs(values["mor_final_loss"] - fp32["mor_final_loss"]) < 0.5
 
 
 def test_train_refuses_an_unknown_preset():
