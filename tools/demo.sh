@@ -22,6 +22,7 @@ $PY -m mor_megatron.pretrain --check "${ARGS[@]}"
 .venv/bin/torchrun --nproc-per-node 2 --master-addr 127.0.0.1 --master-port "${MASTER_PORT:-29500}" \
   -m mor_megatron.pretrain "${ARGS[@]}" 2> "$RUN/train.stderr.log"
 $PY -m mor_megatron.inference.sample --run-dir "$RUN" --prompt "def " --prompt "import " --max-new-tokens 40 \
+  --temperature 0.8 --top-k 40 --seed 0 \
   2> "$RUN/sample.stderr.log"
 # Serving format: a Hugging Face folder with the MoR modeling code, then generate() with the recursion-wise KV cache.
 $PY -m mor_megatron.cli.convert to-hf "$RUN/checkpoints" "$RUN/hf" --overwrite 2> "$RUN/convert.stderr.log"

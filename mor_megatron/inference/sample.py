@@ -1,8 +1,10 @@
-"""Greedy sampling straight from a Megatron training checkpoint, with causal (threshold) routing.
+"""Sampling straight from a Megatron training checkpoint, with causal (threshold) routing.
 
 ``python -m mor_megatron.inference.sample --run-dir runs/demo --prompt "def main("`` loads the newest
-checkpoint of a run on one CPU process and continues the prompt. Each new token re-runs the whole sequence
-(no KV cache): this is a check of what a checkpoint learned, not a serving path.
+checkpoint of a run on one CPU process and continues the prompt, greedily or (``--temperature``, ``--top-k``,
+``--seed``) by seeded sampling: a small, briefly trained model decodes greedily into a loop of its most frequent
+tokens, while samples show what it learned. Each new token re-runs the whole sequence (no KV cache): this is a
+check of what a checkpoint learned, not a serving path.
 """
 
 from __future__ import annotations
@@ -14,9 +16,22 @@ from pathlib import Path
 import torch
 
 
-def generate(model, tokenizer, prompt: str, *, max_new_tokens: int, max_seq_length: int) -> str:
-    """Greedy continuation of ``prompt`` using causal routing; returns prompt + continuation."""
+def next_token(logits: torch.Tensor, *, temperature: float, top_k: int | None,
+               generator: torch.Generator | None) -> int:
+    """The next token id from ``[V]`` logits: argmax at temperature 0, else a draw from the top-k softmax."""
+    if temperature == 0:
+        return int(logits.argmax())
+    if top_k is not None:
+        logits = logits.masked_fill(logits < logits.topk(min(top_k, logits.numel())).values[-1], float("-inf"))
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def generate(model, tokenizer, prompt: str, *, max_new_tokens: int, max_seq_length: int,
+             temperature: float = 0.0, top_k: int | None = None, seed: int = 0) -> str:
+    """Continuation of ``prompt`` using causal routing (greedy at temperature 0); returns prompt + continuation."""
     ids = tokenizer.tokenize(prompt)
+    generator = torch.Generator().manual_seed(seed)
     model.eval()
     with torch.no_grad():
         for _ in range(max_new_tokens):
@@ -24,7 +39,7 @@ def generate(model, tokenizer, prompt: str, *, max_new_tokens: int, max_seq_leng
             tokens = torch.tensor([window])
             positions = torch.arange(len(window))[None]
             logits = model(tokens, positions, None, routing_mode="causal")
-            next_id = int(logits[0, -1].argmax())
+            next_id = next_token(logits[0, -1], temperature=temperature, top_k=top_k, generator=generator)
             if next_id == tokenizer.eod:
                 break
             ids.append(next_id)
@@ -36,7 +51,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-dir", required=True, help="output_dir of a training run (holds config.yaml)")
     parser.add_argument("--prompt", action="append", required=True, help="prompt text; repeat for several")
     parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
+    parser.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (same seed, same text)")
     args = parser.parse_args(argv)
+    if args.temperature < 0 or (args.top_k is not None and args.top_k < 1):
+        parser.error("--temperature must be >= 0 and --top-k >= 1")
 
     from mor_megatron.config import ParallelConfig, load_config
     from mor_megatron.data.tokenizer import load_tokenizer
@@ -58,10 +78,13 @@ def main(argv: list[str] | None = None) -> int:
                                     keep_last=1, ctx=ctx)
         loop = checkpointer.load(model_chunks=[model], optimizer=None, scheduler=None)
         tokenizer = load_tokenizer(config.data.tokenizer)
-        print(f"# checkpoint step {loop.step}, causal routing, greedy")
+        decoding = ("greedy" if args.temperature == 0 else
+                    f"temperature {args.temperature}, top-k {args.top_k or 'all'}, seed {args.seed}")
+        print(f"# checkpoint step {loop.step}, causal routing, {decoding}")
         for prompt in args.prompt:
             text = generate(model, tokenizer, prompt, max_new_tokens=args.max_new_tokens,
-                            max_seq_length=config.seq_length)
+                            max_seq_length=config.seq_length, temperature=args.temperature, top_k=args.top_k,
+                            seed=args.seed)
             print(f"--- prompt: {prompt!r}\n{text}\n")
     finally:
         destroy_distributed()
