@@ -26,6 +26,8 @@ CoreAttention = Literal["sdpa", "megatron"]
 LRSchedule = Literal["cosine", "wsd", "constant"]
 Precision = Literal["auto", "fp32", "bf16"]
 
+DEFAULT_OUTPUT_DIR = "runs/default"
+
 
 class ConfigError(ValueError):
     """A config value is invalid; the message names the dotted field, the value and what is allowed."""
@@ -219,6 +221,11 @@ class OptimConfig:
         _require(self.clip_grad >= 0, f"optim.clip_grad must be >= 0 (0 disables), got {self.clip_grad}")
 
 
+def wsd_decay_steps(decay_fraction: float, train_steps: int) -> int:
+    """Steps of WSD's final linear decay: ``decay_fraction`` of the run, at least one."""
+    return max(1, int(round(decay_fraction * train_steps)))
+
+
 @dataclass(kw_only=True)
 class TrainConfig:
     train_steps: int = 100
@@ -233,11 +240,22 @@ class TrainConfig:
     precision: Precision = "auto"
     """`auto`: bf16 on GPU, fp32 on CPU."""
     recompute: Literal["none", "selective"] = "none"
+    exit_interval: int | None = None
+    """Stop after a step that is a multiple of this, saving a checkpoint there (when checkpoint.save_dir is set),
+    and exit 0 so that rerunning the command resumes (Megatron-LM's --exit-interval); None: never."""
+    exit_duration_mins: float | None = None
+    """Stop like exit_interval after the first step that ends more than this many minutes after the job started,
+    agreed across ranks (Megatron-LM's --exit-duration-in-mins). Leave a step plus a save before the scheduler's
+    time limit; None: never."""
 
     def __post_init__(self) -> None:
         for name in ("train_steps", "micro_batch_size", "global_batch_size", "eval_interval", "log_interval"):
             value = getattr(self, name)
             _require(isinstance(value, int) and value >= 1, f"train.{name} must be an integer >= 1, got {value!r}")
+        _require(self.exit_interval is None or self.exit_interval >= 1,
+                 f"train.exit_interval must be an integer >= 1 (or null: never), got {self.exit_interval!r}")
+        _require(self.exit_duration_mins is None or self.exit_duration_mins > 0,
+                 f"train.exit_duration_mins must be > 0 (or null: no time limit), got {self.exit_duration_mins!r}")
         _require(self.eval_steps >= 0, f"train.eval_steps must be >= 0, got {self.eval_steps}")
         _require(self.seq_length is None or self.seq_length >= 2,
                  f"train.seq_length must be >= 2, got {self.seq_length}")
@@ -246,10 +264,21 @@ class TrainConfig:
 @dataclass(kw_only=True)
 class CheckpointConfig:
     save_dir: str | None = None
+    """Where checkpoints go. A config loaded from YAML or overrides that leaves this key out gets
+    ``<output_dir>/checkpoints`` (filled in by :func:`config_from_dict`, so each run resumes only from its own
+    output folder); ``null`` disables saving."""
     save_interval: int | None = None
     keep_last: int = 2
     load_dir: str | None = None
     """Defaults to save_dir: rerunning the same command resumes."""
+    fallback_to_previous: bool = False
+    """When the newest checkpoint is damaged or incomplete, resume from the newest intact earlier one (logged)
+    instead of stopping. Off by default: falling back silently repeats finished steps; an operator should
+    decide, or set it for unattended requeue loops."""
+    allow_config_change: bool = False
+    """Resume even when model or routing fields (shapes, rotary base, sharing, capacities, ...) differ from the
+    config stored in the checkpoint, or when train.train_steps changes after the LR began to decay (the
+    schedule restarts there: a re-warm); the differences are logged."""
 
     def __post_init__(self) -> None:
         _require(self.keep_last >= 1, f"checkpoint.keep_last must be >= 1, got {self.keep_last}")
@@ -264,6 +293,7 @@ class TrackingConfig:
     """MLflow tracking URI; default MLFLOW_TRACKING_URI or sqlite:///mlflow.db in the run directory."""
     experiment: str = "mor_megatron"
     run_name: str | None = None
+    """MLflow run name; default ``<preset or output folder>-<UTC time>-<6 hex digits>``, unique per job."""
     jsonl_path: str | None = None
     system_metrics: bool = True
     system_metrics_interval_s: float = 10.0
@@ -311,7 +341,7 @@ class JobConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
-    output_dir: str = "runs/default"
+    output_dir: str = DEFAULT_OUTPUT_DIR
 
     @property
     def seq_length(self) -> int:
@@ -523,8 +553,18 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     for item in overrides:
         key, sep, raw = item.partition("=")
         _require(bool(sep) and bool(key.strip()), f"override {item!r} must look like section.key=value")
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+        _set_dotted(tree, key.strip(), _parse_override_value(item, raw))
     return tree
+
+
+def _parse_override_value(item: str, raw: str) -> Any:
+    if not raw.strip():
+        return ""
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {item!r}: the value is not valid YAML ({_yaml_problem(err)}); quote "
+                          "strings with special characters (key='\"a: b\"') and close every bracket") from err
 
 
 def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
@@ -546,7 +586,21 @@ def config_from_dict(values: dict[str, Any]) -> JobConfig:
         values["model"] = _merge(dataclasses.asdict(model), values.get("model") or {})
         values["recursion"] = _merge(_plain(dataclasses.asdict(recursion)), values.get("recursion") or {})
     _require("model" in values, "the config needs either a 'preset' or a 'model' section")
-    return _build(JobConfig, values, "")
+    return _build(JobConfig, _with_default_save_dir(values), "")
+
+
+def _with_default_save_dir(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` with ``checkpoint.save_dir`` set to ``<output_dir>/checkpoints`` when the key is absent.
+
+    Filled in on the raw mapping because the default depends on another section: a shipped config that
+    hard-coded its own folder made runs with another ``output_dir`` resume from that folder's checkpoints.
+    An explicit ``null`` stays (no checkpoints); ill-typed sections are left for :func:`_build` to report.
+    """
+    checkpoint = values.get("checkpoint", {})
+    output_dir = values.get("output_dir", DEFAULT_OUTPUT_DIR)
+    if not isinstance(checkpoint, dict) or "save_dir" in checkpoint or not isinstance(output_dir, str):
+        return values
+    return {**values, "checkpoint": {**checkpoint, "save_dir": str(Path(output_dir) / "checkpoints")}}
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> JobConfig:
@@ -555,11 +609,36 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         path = Path(path)
         _require(path.is_file(), f"config file {str(path)!r} does not exist")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        loaded = _read_yaml_file(path) or {}
         _require(isinstance(loaded, dict), f"config file {str(path)!r} must hold a mapping at the top level")
         values = loaded
     values = _merge(values, parse_overrides(overrides or []))
     return config_from_dict(values)
+
+
+def _read_yaml_file(path: Path) -> Any:
+    """The parsed YAML of ``path``; a ``ConfigError`` naming the file, line and column if it cannot be."""
+    try:
+        raw = path.read_bytes()
+        return yaml.safe_load(raw.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text (byte {raw[err.start]:#04x} at line "
+                          f"{line}, byte offset {err.start}); save it as UTF-8") from err
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {_yaml_problem(err)}; fix the "
+                          "syntax there (indentation, an unclosed quote or bracket, ': ' in an unquoted "
+                          "value)") from err
+    except OSError as err:
+        raise ConfigError(f"config file {str(path)!r} cannot be read: {err.strerror}") from err
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """One line from a PyYAML error: what went wrong and where (1-based line and column)."""
+    if isinstance(err, yaml.MarkedYAMLError) and err.problem_mark is not None:
+        mark = err.problem_mark
+        return f"{err.problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return " ".join(str(err).split())
 
 
 def _plain(value: Any) -> Any:

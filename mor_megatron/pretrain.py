@@ -2,7 +2,9 @@
 
 Also ``mor-pretrain`` and ``pretrain/pretrain_mor.py``. Works under torchrun and srun (rank and world size
 from their environment). The config is loaded and validated, data checked, before any process group exists,
-so bad input fails in seconds with a message naming the field; ``--check`` stops right there.
+so bad input fails in seconds with a message naming the field; ``--check`` stops right there and
+``--print-config`` prints the resolved config instead. Megatron-LM flags (``--micro-batch-size 4``) are
+aliases of config fields (:mod:`mor_megatron.cli.megatron_flags`).
 """
 
 from __future__ import annotations
@@ -10,17 +12,51 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import TYPE_CHECKING
 
-from mor_megatron.config import ConfigError, load_config, validate
+from mor_megatron.cli.megatron_flags import add_megatron_flags, megatron_flag_overrides
+from mor_megatron.config import ConfigError, JobConfig, dump_config, load_config, validate
+from mor_megatron.cli.quiet import silence_known_warnings
+
+if TYPE_CHECKING:
+    from mor_megatron.data.index_check import IndexedDatasetSummary
 
 
 def build_parser(prog: str, description: str, check_help: str) -> argparse.ArgumentParser:
-    """The command line both pretraining entry points share: ``--config``, ``--check``, dotted overrides."""
-    parser = argparse.ArgumentParser(prog=prog, description=description)
+    """The command line both pretraining entry points share: ``--config``, ``--check``, ``--print-config``,
+    dotted overrides and Megatron-LM flag aliases (read them with :func:`parse_command_line`)."""
+    # No abbreviations: --save must never be read as a prefix of --save-interval or the other way round.
+    parser = argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False)
     parser.add_argument("--config", help="YAML config (see configs/)")
     parser.add_argument("--check", action="store_true", help=check_help)
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config (file, flags, overrides, defaults) as YAML and exit")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.train_steps=200")
+    add_megatron_flags(parser)
     return parser
+
+
+def parse_command_line(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse ``argv``; overrides may stand before, between or after the flags."""
+    return parser.parse_intermixed_args(argv)
+
+
+def config_from_command_line(args: argparse.Namespace) -> JobConfig:
+    """The config file, then the Megatron-LM flags, then the dotted overrides (the last word wins)."""
+    return load_config(args.config, megatron_flag_overrides(args) + args.overrides)
+
+
+def print_config(config: JobConfig) -> None:
+    """``--print-config``: the config as YAML, after the rules that hold at any world size."""
+    validate(config)
+    print(dump_config(config), end="")
+
+
+def print_check_report(prog: str, checked: str, summaries: list[IndexedDatasetSummary]) -> None:
+    """``--check`` succeeded: one line, then one line per dataset prefix (sizes, token ids checked or sampled)."""
+    print(f"{prog}: {checked} OK")
+    for summary in summaries:
+        print(f"  {summary.describe()}")
 
 
 def launcher_world_size() -> int:
@@ -47,18 +83,23 @@ def run_training(config, ctx, engine_factory) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser("mor-pretrain", __doc__.splitlines()[0], "validate the config and data, then exit").parse_args(argv)
+    silence_known_warnings()
+    parser = build_parser("mor-pretrain", __doc__.splitlines()[0], "validate the config and data, then exit")
+    args = parse_command_line(parser, argv)
     try:
-        config = load_config(args.config, args.overrides)
+        config = config_from_command_line(args)
+        if args.print_config:
+            print_config(config)
+            return 0
         validate(config, world_size=launcher_world_size())
         from mor_megatron.data.datasets import check_data
 
-        check_data(config.data, config.model.vocab_size)
+        data_summaries = check_data(config.data, config.model.vocab_size)
     except ConfigError as err:
         print(f"mor-pretrain: config error: {err}", file=sys.stderr)
         return 2
     if args.check:
-        print("mor-pretrain: config and data OK")
+        print_check_report("mor-pretrain", "config and data", data_summaries)
         return 0
 
     from mor_megatron.model.builder import virtual_pipeline_size

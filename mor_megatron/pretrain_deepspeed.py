@@ -14,8 +14,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mor_megatron.config import ConfigError, load_config, validate
-from mor_megatron.pretrain import build_parser, launcher_world_size, run_training
+from mor_megatron.cli.quiet import silence_known_warnings
+from mor_megatron.config import ConfigError, validate
+from mor_megatron.pretrain import (build_parser, config_from_command_line, launcher_world_size, parse_command_line,
+                                   print_check_report, print_config, run_training)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -23,13 +25,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                           "validate the config, DeepSpeed JSON and data, then exit")
     # The deepspeed launcher appends --local_rank=N; the rank is read from the environment (LOCAL_RANK) instead.
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    return parse_command_line(parser, argv)
 
 
 def main(argv: list[str] | None = None) -> int:
+    silence_known_warnings()
     args = parse_args(argv)
     try:
-        config = load_config(args.config, args.overrides)
+        config = config_from_command_line(args)
+        if args.print_config:
+            print_config(config)
+            return 0
         validate(config, world_size=launcher_world_size())
         import torch
 
@@ -38,12 +44,12 @@ def main(argv: list[str] | None = None) -> int:
 
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
         check_deepspeed_job(config, world_size=launcher_world_size(), device_type=device_type)
-        check_data(config.data, config.model.vocab_size)
+        data_summaries = check_data(config.data, config.model.vocab_size)
     except ConfigError as err:
         print(f"mor-pretrain-deepspeed: config error: {err}", file=sys.stderr)
         return 2
     if args.check:
-        print("mor-pretrain-deepspeed: config, DeepSpeed JSON and data OK")
+        print_check_report("mor-pretrain-deepspeed", "config, DeepSpeed JSON and data", data_summaries)
         return 0
 
     from mor_megatron.runtime import destroy_distributed, init_distributed

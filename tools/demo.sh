@@ -19,8 +19,10 @@ mkdir -p "$DATA"
     --output-prefix "$DATA/stdlib" --workers 2 --quiet
 ARGS=(--config configs/demo.yaml "data.blend=[$DATA/stdlib]" "data.tokenizer=$DATA/tokenizer/tokenizer.model" "$@")
 $PY -m mor_megatron.pretrain --check "${ARGS[@]}"
+# The console (banner, iterations, summary) is also kept in the run folder and uploaded to MLflow under logs/.
+export MOR_STDOUT_LOG="$RUN/train.stdout.log"
 .venv/bin/torchrun --nproc-per-node 2 --master-addr 127.0.0.1 --master-port "${MASTER_PORT:-29500}" \
-  -m mor_megatron.pretrain "${ARGS[@]}" 2> "$RUN/train.stderr.log"
+  -m mor_megatron.pretrain "${ARGS[@]}" 2> "$RUN/train.stderr.log" | tee "$MOR_STDOUT_LOG"
 $PY -m mor_megatron.inference.sample --run-dir "$RUN" --prompt "def " --prompt "import " --max-new-tokens 40 \
   --temperature 0.8 --top-k 40 --seed 0 \
   2> "$RUN/sample.stderr.log"

@@ -19,6 +19,8 @@ import argparse
 import os
 import sys
 
+from mor_megatron.cli.quiet import silence_known_warnings
+
 
 def _model(args: argparse.Namespace) -> str:
     from mor_megatron.config import ParallelConfig, preset
@@ -109,6 +111,7 @@ _DELEGATED = {
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``mor-bench``; returns the exit status (0, or 2 on a bad preset or size)."""
+    silence_known_warnings()
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in _DELEGATED:
         import importlib

@@ -17,9 +17,10 @@ import argparse
 import dataclasses
 import json
 import sys
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
+
+from mor_megatron.cli.quiet import silence_known_warnings
 
 
 def _to_hf(args: argparse.Namespace) -> dict[str, Any]:
@@ -83,6 +84,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``mor-convert``; returns the exit status (0, or 2 on bad input)."""
+    silence_known_warnings()
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "from-deepspeed":  # its own command line: DS_CKPT OUT_DIR
         from mor_megatron.convert.deepspeed_to_megatron import main as from_deepspeed
@@ -98,10 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     run: Callable[[argparse.Namespace], dict[str, Any]] = args.run
     try:
-        with warnings.catch_warnings():
-            # megatron-core warns at import that TE/Apex are missing: training kernels, not conversion.
-            warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
-            summary = run(args)
+        summary = run(args)
     except (ValueError, FileNotFoundError) as err:
         print(f"mor-convert {args.command}: error: {err}", file=sys.stderr)
         return 2

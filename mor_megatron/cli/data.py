@@ -18,9 +18,10 @@ import dataclasses
 import json
 import os
 import sys
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
+
+from mor_megatron.cli.quiet import silence_known_warnings
 
 
 def _corpus(args: argparse.Namespace) -> dict[str, Any]:
@@ -44,7 +45,8 @@ def _preprocess(args: argparse.Namespace) -> dict[str, Any]:
     from mor_megatron.data.preprocess import preprocess
 
     stats = preprocess(args.input, args.output_prefix, tokenizer=args.tokenizer, workers=args.workers,
-                       json_key=args.json_key, text_unit=args.text_unit, progress=not args.quiet)
+                       json_key=args.json_key, text_unit=args.text_unit, progress=not args.quiet,
+                       overwrite=args.overwrite, cache_dir=args.cache_dir)
     return dataclasses.asdict(stats)
 
 
@@ -98,19 +100,22 @@ def _parser() -> argparse.ArgumentParser:
     preprocess.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                             help="tokenizer processes (default: cores, at most 8)")
     preprocess.add_argument("--quiet", action="store_true", help="no progress bar")
+    preprocess.add_argument("--overwrite", action="store_true",
+                            help="replace an existing PREFIX.bin/.idx and delete megatron's index caches of it")
+    preprocess.add_argument("--cache-dir", metavar="DIR",
+                            help="the training config's data.cache_dir: its cached indices of PREFIX are "
+                            "deleted too (those in PREFIX/cache/ always are)")
     preprocess.set_defaults(run=_preprocess)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``mor-data``; returns the exit status (0, or 2 on bad input)."""
+    silence_known_warnings()
     args = _parser().parse_args(argv)
     run: Callable[[argparse.Namespace], dict[str, Any]] = args.run
     try:
-        with warnings.catch_warnings():
-            # megatron-core warns at import that TE/Apex are missing: training kernels, not data prep.
-            warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
-            summary = run(args)
+        summary = run(args)
     except (ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"mor-data {args.command}: error: {err}", file=sys.stderr)
         return 2

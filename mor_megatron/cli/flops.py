@@ -15,8 +15,6 @@ import json
 import sys
 from typing import Any
 
-import yaml
-
 from mor_megatron.config import ConfigError, JobConfig, config_from_dict, load_config, parse_overrides
 from mor_megatron.model.flops import (count_parameters, flops_per_token, paper_budget_flops_per_token,
                                       paper_budget_tokens, tokens_for_budget)
@@ -143,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             if value is not None and not value > 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {value}")
         out = report(config, args.seq_length, args.tokens, args.flops_budget)
-    except (ValueError, yaml.YAMLError) as err:  # ConfigError is a ValueError
+    except ValueError as err:  # ConfigError is a ValueError; load_config turns YAML errors into one
         print(f"mor-flops: error: {err}", file=sys.stderr)
         return 2
     print(json.dumps(out) if args.json else format_table(out))

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from mor_megatron.convert import ConversionError
+from mor_megatron.convert.output_guard import refuse_output_overlapping_checkpoint
 from mor_megatron.training.deepspeed_checkpoint import read_meta, resolve_step_dir
 
 _BF16_WRAPPER_PREFIX = "module."  # Float16Module around the model when the job trained in bf16
@@ -108,11 +110,14 @@ def convert(ds_checkpoint: str | Path, out_dir: str | Path) -> Path:
 
     Raises:
         CheckpointError: ``ds_checkpoint`` holds no complete DeepSpeed checkpoint of mor_megatron.
+        ConversionError: ``out_dir`` is, contains or lies inside the DeepSpeed checkpoint or its save_dir, or
+            is or contains its run folder.
         RuntimeError: a conversion process failed.
     """
     from mor_megatron.training.checkpoint import step_dir_name
 
     step_dir = resolve_step_dir(ds_checkpoint)
+    refuse_output_overlapping_checkpoint(out_dir, step_dir)
     meta = read_meta(step_dir)
     tp = meta["layout"]["tp"]
     out_dir = Path(out_dir)
@@ -152,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         path = convert(args.checkpoint, args.output)
-    except CheckpointError as err:
+    except (CheckpointError, ConversionError) as err:
         print(f"deepspeed-to-megatron: {err}", file=sys.stderr)
         return 2
     print(path)

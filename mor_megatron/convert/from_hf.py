@@ -37,6 +37,7 @@ from mor_megatron.config import preset as preset_sections
 from mor_megatron.convert import ConversionError
 from mor_megatron.convert.hf_keys import hf_to_megatron
 from mor_megatron.convert.megatron_ckpt import lone_process_group, write_weights_only
+from mor_megatron.convert.output_guard import refuse_output_overlapping
 from mor_megatron.convert.to_hf import attention_shape, check_tensors
 
 InitMethod = Literal["stepwise", "average", "lower", "upper"]
@@ -212,12 +213,13 @@ def from_hf(llama_dir: str | Path, output_dir: str | Path, *, preset: str, init:
         seed: seed of the router initialisation.
 
     Raises:
-        ConversionError: not a Llama model, missing weights, an unknown tensor, an impossible layout, or a
-            non-empty output folder.
+        ConversionError: not a Llama model, missing weights, an unknown tensor, an impossible layout, a
+            non-empty output folder, or one that is, contains or lies inside ``llama_dir``.
     """
     llama_dir, output_dir = Path(llama_dir), Path(output_dir)
     if init not in INIT_METHODS:
         raise ConversionError(f"init={init!r} is not one of {list(INIT_METHODS)}")
+    refuse_output_overlapping(output_dir, {"Hugging Face model folder": llama_dir})
     if output_dir.exists() and any(output_dir.iterdir()):
         raise ConversionError(f"output folder {str(output_dir)!r} is not empty; choose a new folder")
     hf_cfg = read_llama_config(llama_dir)

@@ -25,7 +25,14 @@ import torch.distributed as dist
 
 from mor_megatron.config import ConfigError, JobConfig, ParallelConfig, config_from_dict
 from mor_megatron.convert import ConversionError
-from mor_megatron.training.checkpoint import LATEST_FILE, LoopState, find_latest_step, step_dir_name
+from mor_megatron.training.checkpoint import (
+    CHECKPOINT_READ_ERRORS,
+    LATEST_FILE,
+    LoopState,
+    find_latest_step,
+    step_dir_name,
+)
+from mor_megatron.training.checkpoint_integrity import verify_manifest, write_manifest
 
 _MODEL_ROOTS = ("embedding", "decoder", "output_layer")
 _ANCHOR = "embedding.word_embeddings.weight"
@@ -112,7 +119,7 @@ def check_shard_files(step_dir: Path) -> None:
                               "checkpoint or it was copied incompletely")
     try:
         storage = FileSystemReader(str(step_dir)).read_metadata().storage_data
-    except Exception as err:  # torch raises several types for a corrupt metadata file
+    except CHECKPOINT_READ_ERRORS as err:  # torch raises several types for a corrupt metadata file
         raise ConversionError(f"cannot read {str(step_dir / '.metadata')!r}: {err}") from err
     needed: dict[str, int] = {}
     for info in storage.values():
@@ -150,6 +157,10 @@ def read_checkpoint(path: str | Path) -> MegatronCheckpoint:
 
     step_dir = resolve_step_dir(path)
     check_shard_files(step_dir)
+    _, problems = verify_manifest(step_dir)  # a checkpoint from before checksums has none to verify
+    if problems:
+        raise ConversionError(f"checkpoint {str(step_dir)!r} is damaged: {'; '.join(problems)}; convert an "
+                              "earlier step or restore the folder from a copy")
     common = _read_common_state(step_dir)
     if not isinstance(common, dict) or "config" not in common:
         raise ConversionError(f"checkpoint {str(step_dir)!r} has no job config in its common state; only "
@@ -168,9 +179,7 @@ def read_checkpoint(path: str | Path) -> MegatronCheckpoint:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
             dcp.load(wanted, storage_reader=FileSystemReader(str(step_dir)), no_dist=True)
-    except BaseException as err:  # torch's CheckpointException derives from BaseException
-        if isinstance(err, (KeyboardInterrupt, SystemExit)):
-            raise
+    except CHECKPOINT_READ_ERRORS as err:
         raise ConversionError(f"cannot read the model tensors of {str(step_dir)!r}: {err}") from err
     tensors = {key[len(prefix):]: tensor for key, tensor in wanted.items()}
     loop = common.get("loop") or {}
@@ -184,7 +193,7 @@ def _read_common_state(step_dir: Path) -> Any:
 
     try:
         return dist_checkpointing.load_common_state_dict(str(step_dir))
-    except Exception as err:  # torch and megatron raise several types for a missing or corrupt common state
+    except CHECKPOINT_READ_ERRORS as err:  # several types for a missing or corrupt common state
         raise ConversionError(f"cannot read the common state (job config, loop state) of {str(step_dir)!r}: "
                               f"{err}") from err
 
@@ -205,6 +214,7 @@ def write_weights_only(model, output_dir: Path, *, config_dict: dict[str, Any],
     state = {"model": model.sharded_state_dict(), "loop": dict(LoopState().__dict__), "scheduler": None,
              "config": config_dict, "weights_only": True, "source": source}
     dist_checkpointing.save(state, str(tmp))
+    write_manifest(tmp)
     os.replace(tmp, final)
     pointer = output_dir / f".{LATEST_FILE}.tmp"
     pointer.write_text("0\n")

@@ -6,6 +6,8 @@ Importing this package loads neither torch nor megatron-core; the functions that
 - :mod:`~mor_megatron.data.tokenizer`: train SentencePiece BPE, load megatron-core's tokenizer.
 - :mod:`~mor_megatron.data.preprocess`: jsonl / parquet / text -> ``<prefix>.bin/.idx`` with N workers.
 - :mod:`~mor_megatron.data.datasets`: ``check_data``, ``build_gpt_datasets``, the resumable loader.
+- :mod:`~mor_megatron.data.index_check`: a ``.bin/.idx`` pair checked against itself and the vocabulary.
+- :mod:`~mor_megatron.data.index_cache`: megatron-core's cached indices of a prefix (found, judged, removed).
 """
 
 from mor_megatron.data.corpus import write_stdlib_corpus

@@ -11,22 +11,20 @@ from __future__ import annotations
 
 import copy
 import re
-import struct
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mor_megatron.config import ConfigError, DataConfig, TrainConfig
+from mor_megatron.data.index_cache import stale_cache_entries
+from mor_megatron.data.index_check import (DamagedDataFile, IndexedDatasetSummary, check_indexed_dataset,
+                                           read_num_documents)
 from mor_megatron.data.preprocess import read_meta
 from mor_megatron.data.tokenizer import file_sha256, resolve_tokenizer_model, tokenizer_vocab_size
 
 if TYPE_CHECKING:
     import torch.utils.data
-
-_INDEX_HEADER = b"MMIDIDX\x00\x00"
-"""First bytes of a megatron-core .idx file (``indexed_dataset._INDEX_HEADER``)."""
-_HEADER_BYTES = 34
-"""Magic (9) + version (8) + dtype code (1) + sequence count (8) + document count (8), little-endian."""
 
 
 def parse_blend(blend: Sequence[str]) -> tuple[list[str], list[float] | None]:
@@ -83,9 +81,7 @@ def split_document_counts(num_documents: int, split: str) -> list[int | None]:
 
 def _check_split_documents(prefix: str, split: str) -> None:
     """Raise if a split with weight > 0 gets no document: megatron-core's GPTDataset loops forever on it."""
-    with open(prefix + ".idx", "rb") as stream:
-        header = stream.read(_HEADER_BYTES)
-    num_documents = struct.unpack("<Q", header[18:26])[0]  # sequence count: one sequence per document
+    num_documents = read_num_documents(prefix + ".idx")  # one sequence per document
     for name, count in zip(("train", "valid", "test"), split_document_counts(num_documents, split)):
         if count == 0:
             raise ConfigError(f"data.split={split!r} gives the {name} split 0 of the {num_documents} "
@@ -105,12 +101,14 @@ def num_samples_for(train: TrainConfig) -> tuple[int, int, int]:
             train.eval_steps * global_batch)
 
 
-def check_data(data: DataConfig, vocab_size: int) -> None:
+def check_data(data: DataConfig, vocab_size: int) -> list[IndexedDatasetSummary]:
     """Validate the data section against the model's ``vocab_size``; raises ``ConfigError`` naming the fix.
 
     Checks: a tokenizer is set, exists and has at most ``vocab_size`` pieces; ``data.blend`` parses and
-    names at least one prefix; each prefix has its ``.bin`` and a valid ``.idx``; a prefix tokenized by
-    ``mor-data preprocess`` was tokenized with this same tokenizer (SHA-256 in ``<prefix>.meta.json``).
+    names at least one prefix; each prefix has its ``.bin`` and ``.idx``, the two agree with each other and
+    every token id lies below the tokenizer's size (:mod:`~mor_megatron.data.index_check`); a prefix
+    tokenized by ``mor-data preprocess`` was tokenized with this same tokenizer (SHA-256 in
+    ``<prefix>.meta.json``); no megatron index cache predates its prefix. Returns one summary per prefix.
     """
     if data.tokenizer is None:
         raise ConfigError("data.tokenizer is not set; train one with `mor-data tokenizer --input CORPUS "
@@ -131,32 +129,62 @@ def check_data(data: DataConfig, vocab_size: int) -> None:
                           f"--tokenizer {model_path} --output-prefix PREFIX` and set data.blend=[PREFIX]")
     if sum(float(part) for part in data.split.split(",")) <= 0:
         raise ConfigError(f"data.split={data.split!r} gives every split weight 0; use e.g. '969,30,1'")
-    tokenizer_sha = file_sha256(model_path)
+    tokenizer = _TokenizerFacts(model_path, file_sha256(model_path), tokenizer_vocab)
+    summaries = []
     for prefix in prefixes:
-        _check_prefix(prefix, model_path, tokenizer_sha)
+        summaries.append(_check_prefix(prefix, tokenizer))
         _check_split_documents(prefix, data.split)
+        _check_no_stale_cache(prefix, data.cache_dir, tokenizer)
+    return summaries
 
 
-def _check_prefix(prefix: str, model_path: Path, tokenizer_sha: str) -> None:
-    make = (f"make them with `mor-data preprocess --input FILES --tokenizer {model_path} "
-            f"--output-prefix {prefix}`")
+@dataclass(frozen=True)
+class _TokenizerFacts:
+    """The configured tokenizer as the prefix checks compare with it."""
+
+    model_path: Path
+    sha256: str
+    vocab_size: int
+
+    def remake(self, prefix: str, *, overwrite: bool, cache_dir: str | None = None) -> str:
+        """The command that (re)writes ``prefix`` with this tokenizer, for error messages."""
+        options = (" --overwrite" if overwrite else "") + (f" --cache-dir {cache_dir}" if cache_dir else "")
+        return (f"`mor-data preprocess --input FILES --tokenizer {self.model_path} --output-prefix {prefix}"
+                f"{options}`")
+
+
+def _check_prefix(prefix: str, tokenizer: _TokenizerFacts) -> IndexedDatasetSummary:
     missing = [path for path in (prefix + ".bin", prefix + ".idx") if not Path(path).is_file()]
     if missing:
-        raise ConfigError(f"data.blend prefix {prefix!r}: {' and '.join(missing)} not found; {make}")
-    with open(prefix + ".idx", "rb") as stream:
-        header = stream.read(_HEADER_BYTES)
-    if len(header) < _HEADER_BYTES or not header.startswith(_INDEX_HEADER):
-        raise ConfigError(f"data.blend prefix {prefix!r}: {prefix}.idx is not a megatron-core index file; "
-                          f"{make}")
+        exists = len(missing) == 1
+        raise ConfigError(f"data.blend prefix {prefix!r}: {' and '.join(missing)} not found; make them with "
+                          f"{tokenizer.remake(prefix, overwrite=exists)}")
+    remake = f"re-make them with {tokenizer.remake(prefix, overwrite=True)}"
     try:
         meta = read_meta(prefix)
     except (OSError, ValueError) as err:
         raise ConfigError(f"data.blend prefix {prefix!r}: unreadable {prefix}.meta.json ({err}); "
-                          f"{make}") from err
-    if meta is not None and meta.get("tokenizer_sha256") != tokenizer_sha:
+                          f"{remake}") from err
+    if meta is not None and meta.get("tokenizer_sha256") != tokenizer.sha256:
         raise ConfigError(f"data.blend prefix {prefix!r} was tokenized with {meta.get('tokenizer')!r} "
-                          f"({meta.get('vocab_size')} pieces), not data.tokenizer={str(model_path)!r}; "
-                          f"point data.tokenizer at that model, or re-tokenize: {make}")
+                          f"({meta.get('vocab_size')} pieces), not data.tokenizer="
+                          f"{str(tokenizer.model_path)!r}; point data.tokenizer at that model, or {remake}")
+    try:
+        return check_indexed_dataset(prefix, vocab_size=tokenizer.vocab_size,
+                                     vocab_source=f"data.tokenizer has {tokenizer.vocab_size} pieces")
+    except DamagedDataFile as err:
+        raise ConfigError(f"data.blend prefix {prefix!r}: {err}; {remake}") from None
+
+
+def _check_no_stale_cache(prefix: str, cache_dir: str | None, tokenizer: _TokenizerFacts) -> None:
+    """Refuse megatron index caches older than the prefix: they index the data it held before."""
+    stale = stale_cache_entries(prefix, cache_dir)
+    if stale:
+        rewrite = tokenizer.remake(prefix, overwrite=True, cache_dir=cache_dir)
+        raise ConfigError(f"data.blend prefix {prefix!r} was rewritten after megatron-core cached indices "
+                          f"of it ({len(stale)} stale, e.g. {stale[0].pattern}), which would index past the "
+                          f"new data; delete them with `rm {' '.join(entry.pattern for entry in stale)}`, or "
+                          f"rewrite the prefix with {rewrite}")
 
 
 def build_gpt_datasets(data: DataConfig, *, seq_length: int, num_samples: tuple[int, int, int],
@@ -280,5 +308,9 @@ def build_data_loader(dataset: Any, *, micro_batch_size: int, data_parallel_rank
     sampler = PretrainingSampler(total_samples=len(dataset), consumed_samples=consumed_samples,
                                  micro_batch_size=micro_batch_size, data_parallel_rank=data_parallel_rank,
                                  data_parallel_size=data_parallel_size)
+    # Every iter() of a DataLoader draws its workers' base seed from its generator, by default the global torch
+    # RNG. A resumed job builds its loader after the checkpoint's RNG state is restored, so that draw would
+    # shift every later dropout mask by one; the samples themselves do not depend on the seed.
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
-                                       pin_memory=pin_memory, persistent_workers=num_workers > 0)
+                                       pin_memory=pin_memory, persistent_workers=num_workers > 0,
+                                       generator=torch.Generator().manual_seed(0))

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from mor_megatron.data.index_cache import remove_cache_entries
 from mor_megatron.data.readers import InputFile, TextUnit, count_records, iter_documents, resolve_inputs
 from mor_megatron.data.tokenizer import file_sha256, load_tokenizer, resolve_tokenizer_model
 
@@ -117,22 +118,29 @@ def _encoder(tokenizer_path: str, dtype: Any, workers: int) -> Iterator[Encoder]
 
 def preprocess(inputs: Sequence[str | Path], output_prefix: str | Path, *, tokenizer: str | Path,
                workers: int = 1, json_key: str = "text", text_unit: TextUnit = "file",
-               progress: bool = True) -> PreprocessStats:
+               progress: bool = True, overwrite: bool = False, cache_dir: str | Path | None = None
+               ) -> PreprocessStats:
     """Tokenize ``inputs`` into ``<output_prefix>.bin/.idx`` (+ ``.meta.json``) with ``workers`` processes.
 
-    Inputs, the tokenizer and the worker count are checked before any worker starts. Empty documents are
-    skipped; every other document gets the tokenizer's EOD id appended. Token ids are stored as uint16
-    when the vocabulary fits, else int32 (megatron's ``DType.optimal_dtype``). The files appear
-    atomically: an interrupted run leaves no ``<prefix>.bin/.idx``. A tqdm bar on stderr counts documents.
+    Inputs, the tokenizer, the worker count and the output prefix are checked before any worker starts:
+    an existing dataset at ``output_prefix`` raises ``FileExistsError`` unless ``overwrite``. Writing the
+    prefix also deletes megatron-core's index caches of earlier data there (its default cache folder, and
+    entries naming it in ``cache_dir``, the training config's ``data.cache_dir``): they would index the old
+    data, and a run would fail with IndexError. Empty documents are skipped; every other document gets the
+    tokenizer's EOD id appended. Token ids are stored as uint16 when the vocabulary fits, else int32
+    (megatron's ``DType.optimal_dtype``). The files appear atomically: an interrupted run leaves the
+    previous ``<prefix>.bin/.idx`` (or none). A tqdm bar on stderr counts documents.
     """
-    from megatron.core.datasets.indexed_dataset import DType
-
     if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
         raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
+    prefix = str(output_prefix)
+    _refuse_existing_output(prefix, overwrite)
     files = resolve_inputs(inputs, json_key=json_key)
     model_path = resolve_tokenizer_model(tokenizer)
+    # Imported after the checks above, so bad arguments are refused without loading megatron-core (seconds).
+    from megatron.core.datasets.indexed_dataset import DType
+
     vocab_size = load_tokenizer(model_path).vocab_size
-    prefix = str(output_prefix)
     Path(prefix).parent.mkdir(parents=True, exist_ok=True)
     tmp_prefix = prefix + ".tmp"
     tmp_paths = [tmp_prefix + ".bin", tmp_prefix + ".idx", str(meta_path(tmp_prefix))]
@@ -154,10 +162,20 @@ def preprocess(inputs: Sequence[str | Path], output_prefix: str | Path, *, token
         for path in tmp_paths:
             Path(path).unlink(missing_ok=True)
         raise
+    remove_cache_entries(prefix, cache_dir)
     for tmp, final in zip(tmp_paths, (prefix + ".bin", prefix + ".idx", str(meta_path(prefix)))):
         os.replace(tmp, final)
     return PreprocessStats(prefix=prefix, num_documents=num_documents, num_tokens=num_tokens,
                            num_empty_skipped=num_records - num_documents, seconds=time.perf_counter() - start)
+
+
+def _refuse_existing_output(prefix: str, overwrite: bool) -> None:
+    outputs = (prefix + ".bin", prefix + ".idx", str(meta_path(prefix)))
+    existing = [path for path in outputs if Path(path).exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"output prefix {prefix!r} already holds {', '.join(existing)}; pass --overwrite "
+                              "(overwrite=True) to replace them (megatron-core's index caches of that prefix "
+                              "are deleted too), or choose another --output-prefix")
 
 
 def _write_dataset(files: Sequence[InputFile], prefix: str, *, tokenizer_path: str, dtype: Any, workers: int,

@@ -7,7 +7,7 @@ Inputs are checked up front (:func:`resolve_inputs`), so a typo fails before any
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -95,18 +95,44 @@ def iter_documents(inputs: Sequence[InputFile], *, json_key: str = "text",
 
 
 def _iter_jsonl(path: Path, key: str) -> Iterator[str]:
-    with path.open(encoding="utf-8") as stream:
-        for line_number, line in enumerate(stream, start=1):
-            if not line.strip():
-                continue
+    try:
+        with path.open(encoding="utf-8") as stream:
+            yield from _jsonl_records(path, stream, key)
+    except UnicodeDecodeError as err:
+        raise _not_utf8(path) from err
+
+
+def _jsonl_records(path: Path, lines: Iterable[str], key: str) -> Iterator[str]:
+    for line_number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{line_number}: not valid JSON ({err.msg})") from err
+        if not isinstance(record, dict) or not isinstance(record.get(key), str):
+            raise ValueError(f"{path}:{line_number}: expected an object with a string field {key!r}; "
+                             "pass the text field with --json-key")
+        yield record[key]
+
+
+def _not_utf8(path: Path) -> ValueError:
+    """An error naming the line and byte offset of the first byte of ``path`` that is not UTF-8.
+
+    Found by a second pass over whole lines: the text reader decodes ahead in blocks, so its error carries
+    neither. A line is a safe unit because no multi-byte UTF-8 sequence contains a newline byte.
+    """
+    offset = 0
+    with path.open("rb") as stream:
+        for line_number, raw in enumerate(stream, start=1):
             try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{line_number}: not valid JSON ({err.msg})") from err
-            if not isinstance(record, dict) or not isinstance(record.get(key), str):
-                raise ValueError(f"{path}:{line_number}: expected an object with a string field {key!r}; "
-                                 "pass the text field with --json-key")
-            yield record[key]
+                raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                return ValueError(f"{path}:{line_number}: not UTF-8 text (byte {raw[err.start]:#04x} at byte "
+                                  f"offset {offset + err.start}); re-encode the file as UTF-8, e.g. "
+                                  "`iconv -f latin1 -t utf-8`")
+            offset += len(raw)
+    return ValueError(f"{path}: not UTF-8 text; re-encode the file as UTF-8")
 
 
 def _iter_parquet(path: Path, column: str) -> Iterator[str]:
@@ -119,7 +145,10 @@ def _iter_parquet(path: Path, column: str) -> Iterator[str]:
 
 
 def _iter_text(path: Path, text_unit: TextUnit) -> Iterator[str]:
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise _not_utf8(path) from err
     if text_unit == "file":
         yield text
     else:

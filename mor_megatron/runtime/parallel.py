@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from mor_megatron.config import ConfigError, ParallelConfig
+from mor_megatron.runtime.child_processes import arm_checkpoint_helpers
 from mor_megatron.runtime.cpu import enable_cpu_runtime
 
 if TYPE_CHECKING:
@@ -255,6 +256,8 @@ def init_distributed(
             "megatron model parallel state is already initialised; call destroy_distributed() first"
         )
     _init_process_group(launch, backend, device, timeout_s)
+    # megatron's checkpoint save starts writer processes: they must not outlive a killed worker.
+    arm_checkpoint_helpers()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=dims.tp,
         pipeline_model_parallel_size=dims.pp,

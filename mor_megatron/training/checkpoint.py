@@ -11,38 +11,56 @@ atomic rename on one filesystem), then replaces ``latest``, then deletes checkpo
 crash at any point leaves the previous ``latest`` valid. A step folder counts only if its ``metadata.json``
 (written by dist_checkpointing at the end of a save) exists, so a half-written folder is never loaded.
 
+Before the rename, ``checksums.json`` records the size and checksum of every file (see
+:mod:`~mor_megatron.training.checkpoint_integrity`); a load verifies them first. A damaged or incomplete step is
+an error naming the folder and the file, or, with ``checkpoint.fallback_to_previous``, a logged fallback to the
+newest intact earlier step. A resume also compares the stored config with the job's
+(:mod:`~mor_megatron.training.resume_config`).
+
 Tensors are stored as global tensors, so a checkpoint saved at one TP (or DP, or distributed-optimizer)
-layout loads at another. RNG states are per rank and are restored only when the layout is unchanged.
+layout loads at another. RNG states are per rank, stored as tensors (no pickle), and restored only when the
+layout is unchanged.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import random
 import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
-from megatron.core import dist_checkpointing, tensor_parallel
-from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
 from mor_megatron.runtime import DistributedContext
+from mor_megatron.training.checkpoint_integrity import damage_report, write_manifest
+from mor_megatron.training.resume_config import check_resume_config
+from mor_megatron.training.rng_state import restore_rng_state, rng_state_tensors
 
 logger = logging.getLogger(__name__)
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 LATEST_FILE = "latest"
+COMPLETE_MARKER = "metadata.json"
+
+CHECKPOINT_READ_ERRORS = (Exception, CheckpointException)
+"""What reading a checkpoint raises. torch's ``CheckpointException`` derives from ``BaseException``, so a plain
+``except Exception`` let it past the project's own error message."""
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete or does not fit the model; the message says which and why."""
+
+
+class CheckpointDamaged(CheckpointError):
+    """A checkpoint step is incomplete or its files fail their checksums; the message names the files."""
 
 
 @dataclass
@@ -74,37 +92,99 @@ def complete_steps(root: Path, marker: str = "metadata.json") -> list[int]:
 
 
 def find_latest_step(root: Path, marker: str = "metadata.json") -> int | None:
-    """Step named by ``latest`` if that checkpoint is complete, else the newest complete one, else None.
-
-    ``latest`` holds a step number, or a ``step_<N>`` folder name (DeepSpeed's tag format)."""
-    latest = root / LATEST_FILE
+    """Step named by ``latest`` if that checkpoint is complete, else the newest complete one, else None."""
     complete = complete_steps(root, marker)
-    if latest.is_file():
-        text = latest.read_text().strip()
-        match = _STEP_DIR.match(text)
-        step = int(match.group(1)) if match else (int(text) if text.isdigit() else None)
-        if step in complete:
-            return step
-        logger.warning("checkpoint pointer %s names %r, which is not a complete checkpoint; using the newest "
-                       "complete one instead", latest, text)
+    step = _step_named_by_latest(root)
+    if step in complete:
+        return step
+    if step is not None:
+        logger.warning("checkpoint pointer %s names step %d, which is not a complete checkpoint; using the "
+                       "newest complete one instead", root / LATEST_FILE, step)
     return complete[-1] if complete else None
+
+
+def _step_named_by_latest(root: Path) -> int | None:
+    """The step in ``root/latest``: a step number, or a ``step_<N>`` folder name (DeepSpeed's tag format)."""
+    latest = root / LATEST_FILE
+    if not latest.is_file():
+        return None
+    text = latest.read_text().strip()
+    match = _STEP_DIR.match(text)
+    return int(match.group(1)) if match else (int(text) if text.isdigit() else None)
+
+
+def resume_candidates(root: Path) -> list[int]:
+    """Steps a resume may load, newest first, whether complete or not.
+
+    First the step ``latest`` names (or, without a pointer, the newest ``step_<N>`` folder), then every older
+    ``step_<N>`` folder. Incomplete folders stay in the list, so that a damaged newest step is reported instead
+    of being passed over in silence (a crash mid-save leaves ``.tmp_step_<N>``, which is never a candidate).
+    """
+    published = sorted(int(match.group(1)) for child in root.iterdir()
+                       if (match := _STEP_DIR.match(child.name))) if root.is_dir() else []
+    newest = _step_named_by_latest(root)
+    if newest is None:
+        newest = published[-1] if published else None
+    if newest is None:
+        return []
+    return [newest, *(step for step in reversed(published) if step < newest)]
+
+
+def select_intact_step(root: Path, *, marker: str = COMPLETE_MARKER, fallback_to_previous: bool) -> int | None:
+    """The step a resume loads: the newest candidate that is complete and passes its checksums.
+
+    Collective when a process group exists (every rank checks a share of the files). A damaged newest step is
+    an error unless ``fallback_to_previous``; then each damaged step is logged and the next older one tried.
+
+    Returns:
+        The step, or None when ``root`` holds no step folder at all.
+
+    Raises:
+        CheckpointDamaged: the newest step is damaged (and no fallback), or every step is.
+    """
+    candidates = resume_candidates(root)
+    for index, step in enumerate(candidates):
+        step_dir = root / step_dir_name(step)
+        problems = damage_report(step_dir, marker=marker)
+        if not problems:
+            return step
+        if not fallback_to_previous:
+            raise CheckpointDamaged(_damage_message(step_dir, problems, has_previous=index + 1 < len(candidates)))
+        logger.warning("checkpoint %s is damaged (%s); checkpoint.fallback_to_previous=true: trying the previous "
+                       "step", step_dir, "; ".join(problems))
+    if candidates:
+        raise CheckpointDamaged(f"no intact checkpoint under {root}: steps {candidates} are all damaged or "
+                                "incomplete (see the warnings above); start a new checkpoint.save_dir")
+    return None
+
+
+def _damage_message(step_dir: Path, problems: list[str], *, has_previous: bool) -> str:
+    fix = ("set checkpoint.fallback_to_previous=true to resume from the newest intact earlier step, or restore "
+           "the folder from a copy" if has_previous else "restore the folder from a copy, or start a new "
+           "checkpoint.save_dir")
+    return f"checkpoint {step_dir} is damaged or incomplete: {'; '.join(problems)}. To go on, {fix}"
 
 
 class Checkpointer:
     """Saves and loads the whole training state of one job (all ranks call every method)."""
 
-    def __init__(self, *, save_dir: str | None, load_dir: str | None, keep_last: int, ctx: DistributedContext):
+    def __init__(self, *, save_dir: str | None, load_dir: str | None, keep_last: int, ctx: DistributedContext,
+                 fallback_to_previous: bool = False, allow_config_change: bool = False):
         self.save_root = Path(save_dir) if save_dir else None
         self.load_root = Path(load_dir) if load_dir else self.save_root
         self.keep_last = keep_last
         self.ctx = ctx
+        self.fallback_to_previous = fallback_to_previous
+        self.allow_config_change = allow_config_change
 
     # -- sharded state -----------------------------------------------------------------------------------------
     def _layout(self) -> dict[str, int]:
         dims = self.ctx.dims
         return {"tp": dims.tp, "pp": dims.pp, "dp": dims.dp}
 
-    def _sharded_state(self, model_chunks: list, optimizer, is_loading: bool, with_rng: bool) -> dict[str, Any]:
+    def _sharded_state(self, model_chunks: list, optimizer, is_loading: bool,
+                       rng: dict[str, torch.Tensor] | None) -> dict[str, Any]:
+        """Model chunks, optimizer and this rank's ``rng`` tensors (None: no RNG) as dist_checkpointing state."""
         model_state = {}
         for i, chunk in enumerate(model_chunks):
             module = chunk.module if hasattr(chunk, "module") else chunk
@@ -114,11 +194,12 @@ class Checkpointer:
             state["optimizer"] = optimizer.sharded_state_dict(
                 model_state, is_loading=is_loading,
                 metadata={"distrib_optim_sharding_type": "fully_reshardable"})
-        if with_rng:
+        if rng is not None:
+            # One slice per rank of a (pp, tp, dp, ...) tensor: plain tensors, so the load unpickles nothing.
             dims, ctx = self.ctx.dims, self.ctx
-            state["rng_state"] = ShardedObject(
-                "rng_state", _rng_state(), global_shape=(dims.pp, dims.tp, dims.dp),
-                global_offset=(ctx.pp_rank, ctx.tp_rank, ctx.dp_rank), replica_id=0)
+            state["rng"] = {key: ShardedTensor.from_rank_offsets(
+                f"rng_state.{key}", tensor, (0, ctx.pp_rank, dims.pp), (1, ctx.tp_rank, dims.tp),
+                (2, ctx.dp_rank, dims.dp), replica_id=0, prepend_axis_num=3) for key, tensor in rng.items()}
         return state
 
     # -- save --------------------------------------------------------------------------------------------------
@@ -135,7 +216,9 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
         dist.barrier()
-        state = self._sharded_state(model_chunks, optimizer, is_loading=False, with_rng=True)
+        rng = rng_state_tensors()
+        state = self._sharded_state(model_chunks, optimizer, is_loading=False, rng=rng)
+        state["rng_keys"] = sorted(rng)
         state["scheduler"] = scheduler.state_dict() if scheduler is not None else None
         state["loop"] = dict(loop.__dict__)
         state["layout"] = self._layout()
@@ -143,6 +226,7 @@ class Checkpointer:
         state["weights_only"] = optimizer is None
         dist_checkpointing.save(state, str(tmp))
         dist.barrier()
+        write_manifest(tmp)  # every rank's files are on disk now; the manifest is part of the commit
         if is_writer:
             if final.exists():
                 shutil.rmtree(final)
@@ -163,31 +247,56 @@ class Checkpointer:
 
     # -- load --------------------------------------------------------------------------------------------------
     def latest_step(self) -> int | None:
-        """The step a resume would load, or None when there is nothing to resume from."""
-        return None if self.load_root is None else find_latest_step(self.load_root)
+        """The newest step a resume would try (not yet verified), or None when there is nothing to resume from."""
+        candidates = [] if self.load_root is None else resume_candidates(self.load_root)
+        return candidates[0] if candidates else None
 
-    def load(self, *, model_chunks: list, optimizer, scheduler, step: int | None = None) -> LoopState:
+    def _step_dir_to_load(self, step: int | None) -> Path:
+        """``step``'s folder, verified; default the newest intact step (with the configured fallback)."""
+        if self.load_root is None:
+            raise CheckpointError("neither checkpoint.load_dir nor checkpoint.save_dir is set")
+        if step is None:
+            step = select_intact_step(self.load_root, fallback_to_previous=self.fallback_to_previous)
+            if step is None:
+                raise CheckpointError(f"no checkpoint under {self.load_root}")
+            return self.load_root / step_dir_name(step)
+        path = self.load_root / step_dir_name(step)
+        problems = damage_report(path, marker=COMPLETE_MARKER)
+        if problems:
+            raise CheckpointDamaged(_damage_message(path, problems, has_previous=False))
+        return path
+
+    def load(self, *, model_chunks: list, optimizer, scheduler, step: int | None = None,
+             current_config: dict[str, Any] | None = None) -> LoopState:
         """Load ``step`` (default: latest) into the model, optimizer and scheduler; return the loop state.
 
         ``optimizer``/``scheduler`` may be None to load weights only (evaluation, conversion).
+        ``current_config``: the resuming job's config, compared with the stored one (see ``resume_config``).
+
+        Raises:
+            CheckpointDamaged: the step is incomplete or fails its checksums (names the files).
+            ConfigChangedOnResume: model or routing fields differ from ``current_config``.
+            CheckpointError: no checkpoint, or one that does not fit the model or optimizer.
         """
-        step = self.latest_step() if step is None else step
-        if step is None:
-            raise CheckpointError(f"no complete checkpoint under {self.load_root}")
-        path = self.load_root / step_dir_name(step)
-        if not (path / "metadata.json").is_file():
-            raise CheckpointError(f"checkpoint {path} is incomplete (no metadata.json)")
-        common = dist_checkpointing.load_common_state_dict(str(path))
+        path = self._step_dir_to_load(step)
+        try:
+            common = dist_checkpointing.load_common_state_dict(str(path))
+        except CHECKPOINT_READ_ERRORS as err:
+            raise CheckpointError(f"cannot read the common state (config, loop state) of checkpoint {path}: "
+                                  f"{err}") from err
+        if current_config is not None:
+            check_resume_config(common.get("config") or {}, current_config, checkpoint=str(path),
+                                step=common["loop"]["step"], allow_change=self.allow_config_change)
         if common.get("weights_only"):  # e.g. `mor-convert from-hf` output: an up-training start
             logger.info("checkpoint %s holds model weights only: optimizer and LR schedule start fresh", path)
             optimizer = scheduler = None
-        same_layout = common.get("layout") == self._layout()
+        rng = self._rng_to_restore(common, path)
         if optimizer is not None:
             _materialize_optimizer_state(optimizer)
-        state = self._sharded_state(model_chunks, optimizer, is_loading=True, with_rng=same_layout)
+        state = self._sharded_state(model_chunks, optimizer, is_loading=True, rng=rng)
         try:
             loaded = dist_checkpointing.load(state, str(path))
-        except Exception as err:  # dist_checkpointing raises several types; name the checkpoint in all cases
+        except CHECKPOINT_READ_ERRORS as err:  # several types; name the checkpoint in all cases
             raise CheckpointError(f"checkpoint {path} does not fit this model or optimizer: {err}") from err
         for i, chunk in enumerate(model_chunks):
             module = chunk.module if hasattr(chunk, "module") else chunk
@@ -197,12 +306,21 @@ class Checkpointer:
             _unshare_adam_steps(optimizer)
         if scheduler is not None and loaded.get("scheduler") is not None:
             scheduler.load_state_dict(loaded["scheduler"])
-        if same_layout:
-            _set_rng_state(loaded["rng_state"])
-        else:
+        if rng is not None:
+            restore_rng_state(loaded["rng"])
+        return LoopState(**loaded["loop"])
+
+    def _rng_to_restore(self, common: dict[str, Any], path: Path) -> dict[str, torch.Tensor] | None:
+        """Load targets for the stored RNG tensors of this rank, or None when they cannot be restored."""
+        if common.get("layout") != self._layout():
             logger.warning("checkpoint %s was saved with layout %s, this job runs %s: RNG states not restored",
                            path, common.get("layout"), self._layout())
-        return LoopState(**loaded["loop"])
+            return None
+        stored = set(common.get("rng_keys") or ())
+        if not stored:  # also weights-only checkpoints
+            logger.warning("checkpoint %s holds no RNG state tensors: RNG states not restored", path)
+            return None
+        return {key: tensor for key, tensor in rng_state_tensors().items() if key in stored}
 
 
 def _materialize_optimizer_state(optimizer) -> None:
@@ -235,18 +353,3 @@ def _unshare_adam_steps(optimizer) -> None:
         for state in part.optimizer.state.values():
             if torch.is_tensor(state.get("step")):
                 state["step"] = state["step"].clone()
-
-
-def _rng_state() -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-            "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])

@@ -6,7 +6,8 @@ Layout under ``checkpoint.save_dir``::
         mp_rank_<tp>_model_states.pt                (stage 1-2; per TP rank)   module + client_state
         zero_pp_rank_<dp>_mp_rank_<tp>_model_states.pt    (stage 3; per rank)
         *zero_pp_rank_<dp>_mp_rank_<tp>_optim_states.pt   (per rank) fp32 master partitions + Adam state
-        rng_state_<rank>.pt                         per-rank RNG state (python, numpy, torch, megatron tracker)
+        rng_state_<rank>.pt                         per-rank RNG state as tensors (loaded weights-only)
+        checksums.json                              size and checksum of every file above
         meta.json                                   step, layout, loop state, the job's config: written last
     step_00000200/
     latest                  text: the tag (``step_00000200``) of the newest complete checkpoint, DeepSpeed's format
@@ -17,6 +18,8 @@ their partitions, and into the final folder directly. Here every rank saves into
 ``save_latest=False``; after a barrier rank 0 writes ``meta.json``, renames the folder to ``step_<N>/`` (atomic
 on one filesystem), replaces ``latest`` (write + rename) and deletes checkpoints beyond ``keep_last``. A folder
 counts as complete only with its ``meta.json``, so a crash at any point leaves the previous ``latest`` valid.
+Before ``meta.json``, ``checksums.json`` records every file (all ranks hash a share); a resume verifies them
+and stops at a damaged step unless ``checkpoint.fallback_to_previous`` (as on the Megatron path).
 ``save_dir`` must be one filesystem that every node sees (as on the Megatron path).
 
 The ``client_state`` stored by DeepSpeed holds the loop state (:class:`~mor_megatron.training.checkpoint.LoopState`)
@@ -54,6 +57,12 @@ def complete_steps(root: Path) -> list[int]:
 def find_latest_step(root: Path) -> int | None:
     """Step named by ``latest`` if that checkpoint is complete, else the newest complete one, else None."""
     return checkpoint.find_latest_step(root, META_FILE)
+
+
+def select_intact_step(root: Path, *, fallback_to_previous: bool) -> int | None:
+    """The step a resume loads: newest complete one that passes its checksums (collective; see
+    :func:`mor_megatron.training.checkpoint.select_intact_step`)."""
+    return checkpoint.select_intact_step(root, marker=META_FILE, fallback_to_previous=fallback_to_previous)
 
 
 def read_meta(step_dir: Path) -> dict[str, Any]:

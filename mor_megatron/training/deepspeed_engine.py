@@ -21,6 +21,7 @@ MegatronEngine`, so that the two backends give the same losses from the same ini
 from __future__ import annotations
 
 import importlib
+import logging
 import math
 import os
 import shutil
@@ -30,13 +31,16 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from mor_megatron.config import JobConfig
+from mor_megatron.config import JobConfig, config_to_dict
 from mor_megatron.model.builder import build_model, transformer_config
 from mor_megatron.model.gpt import MoRGPTModel
 from mor_megatron.runtime import DistributedContext
 from mor_megatron.training import deepspeed_checkpoint as ds_ckpt
 from mor_megatron.training import metrics as M
-from mor_megatron.training.checkpoint import CheckpointError, LoopState, _rng_state, _set_rng_state, step_dir_name
+from mor_megatron.training.checkpoint import CHECKPOINT_READ_ERRORS, CheckpointError, LoopState, step_dir_name
+from mor_megatron.training.checkpoint_integrity import write_manifest
+from mor_megatron.training.resume_config import check_resume_config
+from mor_megatron.training.rng_state import restore_rng_state, rng_state_tensors
 from mor_megatron.training.deepspeed_config import build_deepspeed_config, write_deepspeed_config
 from mor_megatron.training.engine import Batches
 from mor_megatron.training.megatron_engine import (
@@ -47,6 +51,8 @@ from mor_megatron.training.megatron_engine import (
 )
 from mor_megatron.training.optimizer import build_scheduler
 from mor_megatron.training.step import masked_mean_loss, move_batch
+
+logger = logging.getLogger(__name__)
 
 
 class MegatronMpu:
@@ -255,8 +261,9 @@ class DeepSpeedEngine:
         loop_state = dict(loop.__dict__)
         self.ds.save_checkpoint(str(self.save_root), tag=tag, save_latest=False,
                                 client_state={"loop": loop_state, "scheduler": self.scheduler.state_dict()})
-        torch.save(_rng_state(), self.save_root / tag / f"rng_state_{dist.get_rank():05d}.pt")
+        torch.save(rng_state_tensors(), self.save_root / tag / f"rng_state_{dist.get_rank():05d}.pt")
         dist.barrier()
+        write_manifest(self.save_root / tag)  # every rank's files are on disk; meta.json, written next, is the marker
         final = self.save_root / step_dir_name(step)
         if is_writer:
             meta = {"step": step, "layout": self._layout(), "loop": loop_state, "config": config_dict}
@@ -265,17 +272,24 @@ class DeepSpeedEngine:
         return str(final)
 
     def resume(self) -> LoopState | None:
-        """Load the latest complete checkpoint under ``checkpoint.load_dir`` (default ``save_dir``).
+        """Load the latest intact checkpoint under ``checkpoint.load_dir`` (default ``save_dir``).
 
         Raises:
+            CheckpointDamaged: the newest step fails its checksums or is incomplete (see
+                ``checkpoint.fallback_to_previous``).
+            ConfigChangedOnResume: model or routing fields differ from the stored config.
             CheckpointError: it was saved with another TP/DP layout or across the ZeRO-3 boundary (ZeRO
                 partitions are tied to both); convert it with ``mor_megatron.convert.deepspeed_to_megatron``.
         """
-        step = None if self.load_root is None else ds_ckpt.find_latest_step(self.load_root)
+        step = None if self.load_root is None else ds_ckpt.select_intact_step(
+            self.load_root, fallback_to_previous=self.config.checkpoint.fallback_to_previous)
         if step is None:
             return None
         step_dir = self.load_root / step_dir_name(step)
-        saved = ds_ckpt.read_meta(step_dir)["layout"]
+        meta = ds_ckpt.read_meta(step_dir)
+        check_resume_config(meta.get("config") or {}, config_to_dict(self.config), checkpoint=str(step_dir),
+                            step=step, allow_change=self.config.checkpoint.allow_config_change)
+        saved = meta["layout"]
         now = self._layout()
         if (saved["tp"], saved["dp"], saved["zero_stage"] == 3) != (now["tp"], now["dp"], now["zero_stage"] == 3):
             raise CheckpointError(
@@ -283,14 +297,26 @@ class DeepSpeedEngine:
                 f"{saved['zero_stage']}; this job runs tp={now['tp']}, dp={now['dp']}, ZeRO stage {now['zero_stage']}. "
                 "DeepSpeed's partitions only load into the same layout: relaunch with it, or convert the checkpoint "
                 "(python -m mor_megatron.convert.deepspeed_to_megatron) and continue on the Megatron path")
-        _, client_state = self.ds.load_checkpoint(str(self.load_root), tag=step_dir_name(step),
-                                                  load_optimizer_states=True, load_lr_scheduler_states=False)
+        try:
+            _, client_state = self.ds.load_checkpoint(str(self.load_root), tag=step_dir_name(step),
+                                                      load_optimizer_states=True, load_lr_scheduler_states=False)
+        except CHECKPOINT_READ_ERRORS as err:  # several types; name the checkpoint in all cases
+            raise CheckpointError(f"DeepSpeed could not load checkpoint {step_dir}: {err}") from err
         if client_state is None:
             raise CheckpointError(f"DeepSpeed could not load checkpoint {step_dir}")
         self.scheduler.load_state_dict(client_state["scheduler"])
-        rng_file = step_dir / f"rng_state_{dist.get_rank():05d}.pt"
-        _set_rng_state(torch.load(rng_file, weights_only=False))
+        self._restore_rng(step_dir / f"rng_state_{dist.get_rank():05d}.pt")
         return LoopState(**client_state["loop"])
+
+    @staticmethod
+    def _restore_rng(rng_file: Path) -> None:
+        """RNG tensors of this rank, read weights-only (a checkpoint file never runs code on load)."""
+        try:
+            state = torch.load(rng_file, weights_only=True)
+        except CHECKPOINT_READ_ERRORS as err:  # e.g. a pickled state from before RNG tensors
+            logger.warning("cannot read %s weights-only (%s): RNG states not restored", rng_file, err)
+            return
+        restore_rng_state(state)
 
     def destroy(self) -> None:
         """Remove DeepSpeed's hooks and buffers (ZeRO-3 workers can abort at interpreter exit without it)."""

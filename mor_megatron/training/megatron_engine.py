@@ -14,7 +14,7 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 
-from mor_megatron.config import JobConfig
+from mor_megatron.config import JobConfig, config_to_dict
 from mor_megatron.model.builder import build_model, transformer_config, virtual_pipeline_size
 from mor_megatron.model.gpt import MoRGPTModel
 from mor_megatron.runtime import DistributedContext
@@ -98,7 +98,8 @@ class MegatronEngine:
         self._wire_schedule_hooks()
         ckpt = config.checkpoint
         self.checkpointer = Checkpointer(save_dir=ckpt.save_dir, load_dir=ckpt.load_dir, keep_last=ckpt.keep_last,
-                                         ctx=ctx)
+                                         ctx=ctx, fallback_to_previous=ckpt.fallback_to_previous,
+                                         allow_config_change=ckpt.allow_config_change)
 
     def _build_model(self):
         cfg = self.config
@@ -197,4 +198,4 @@ class MegatronEngine:
         if self.checkpointer.latest_step() is None:
             return None
         return self.checkpointer.load(model_chunks=[self.ddp], optimizer=self.optimizer,
-                                      scheduler=self.scheduler)
+                                      scheduler=self.scheduler, current_config=config_to_dict(self.config))

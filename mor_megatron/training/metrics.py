@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import resource
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -25,6 +25,11 @@ import torch.distributed as dist
 # Metric keys. Units are suffixes: _s seconds, _gib 2**30 bytes; perf/mfu is a fraction in [0, 1].
 # ----------------------------------------------------------------------------------------------------------
 TRAIN_LM_LOSS = "train/lm_loss"
+TRAIN_TOKENS_CONSUMED = "train/tokens_consumed"
+"""Tokens trained on so far (global batch x sequence length x steps; continues across resumes): the x-axis
+on which MoR and vanilla runs compare."""
+TRAIN_FLOPS_CONSUMED = "train/flops_consumed"
+"""Training FLOPs spent so far: tokens consumed x the MoR FLOPs model's training FLOPs per token."""
 OPTIM_LR = "optim/lr"
 OPTIM_GRAD_NORM = "optim/grad_norm"
 
@@ -52,21 +57,48 @@ VAL_LOSS_CAUSAL = "val/loss_causal"
 VAL_PPL_CAUSAL = "val/ppl_causal"
 
 TIME_TRAIN_S = "time/train_s"
+"""Cumulative training wall time in seconds (continues across resumes; evaluation excluded)."""
 MODEL_PARAMS_STAGE_PREFIX = "model/params_per_tp_rank/stage"
 """+ pipeline stage index: parameters one TP rank of that stage holds (logged once, as a run parameter)."""
 MODEL_PARAMS_TOTAL = "model/params_per_tp_rank/total"
-"""Cumulative training wall time in seconds (continues across resumes; evaluation excluded)."""
+"""Parameters of one TP rank's slice of the model, each counted once (a tied embedding that the first and the
+last pipeline stage both hold counts once; logged once, as a run parameter)."""
 
 ROUTER_PREFIX = "router/"
 MEMORY_KEYS = (MEM_PEAK_ALLOCATED_GIB, MEM_PEAK_RESERVED_GIB, MEM_PEAK_RSS_GIB)
 STATIC_KEYS = (
-    TRAIN_LM_LOSS, OPTIM_LR, OPTIM_GRAD_NORM,
+    TRAIN_LM_LOSS, TRAIN_TOKENS_CONSUMED, TRAIN_FLOPS_CONSUMED, OPTIM_LR, OPTIM_GRAD_NORM,
     PERF_STEP_TIME_S, PERF_TOKENS_PER_S, PERF_TOKENS_PER_S_PER_DEVICE, PERF_TFLOPS_PER_DEVICE, PERF_MFU,
     *MEMORY_KEYS,
     VAL_LOSS, VAL_PPL, VAL_LOSS_CAUSAL, VAL_PPL_CAUSAL,
     TIME_TRAIN_S,
 )
 """Every fixed key; per-node and job-wide memory keys come from :func:`node_key` and :func:`job_max_key`."""
+
+
+def held_parameters(parameters: Iterable[torch.nn.Parameter]) -> tuple[int, int]:
+    """(elements this rank holds, how many of them are a pipeline copy of the tied word embedding).
+
+    With pipeline parallelism and tied embeddings, the last stage keeps its own copy of the first stage's
+    word embedding as the output layer; megatron marks that copy ``shared`` and ``shared_embedding`` (the
+    first stage's original only ``shared_embedding``). Under DeepSpeed ZeRO-3 a parameter holds only its
+    partition; ``ds_numel`` is its full size.
+    """
+    held = copies = 0
+    for param in parameters:
+        size = getattr(param, "ds_numel", param.numel())
+        held += size
+        if getattr(param, "shared", False) and getattr(param, "shared_embedding", False):
+            copies += size
+    return held, copies
+
+
+def parameter_count_metrics(per_stage: Sequence[tuple[int, int]]) -> dict[str, float]:
+    """Per-stage held counts and the model total, each parameter counted once, from :func:`held_parameters`
+    of one TP rank per pipeline stage (in stage order)."""
+    out = {f"{MODEL_PARAMS_STAGE_PREFIX}{stage}": float(held) for stage, (held, _) in enumerate(per_stage)}
+    out[MODEL_PARAMS_TOTAL] = float(sum(held - copies for held, copies in per_stage))
+    return out
 
 
 def node_key(key: str, node_rank: int) -> str:

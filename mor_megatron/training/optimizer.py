@@ -8,7 +8,7 @@ from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_mega
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from mor_megatron.config import OptimConfig, ParallelConfig
+from mor_megatron.config import OptimConfig, ParallelConfig, wsd_decay_steps
 
 
 def build_optimizer(optim: OptimConfig, parallel: ParallelConfig, model_chunks: list, *, pg_collection,
@@ -66,7 +66,7 @@ def build_scheduler(optim: OptimConfig, optimizer: MegatronOptimizer, *, train_s
     WSD is the paper's schedule for its main runs; cosine its schedule for the 10B-token ablations.
     """
     style = {"wsd": "WSD", "cosine": "cosine", "constant": "constant"}[optim.schedule]
-    wsd_steps = max(1, int(round(optim.decay_fraction * train_steps))) if optim.schedule == "wsd" else None
+    wsd_steps = wsd_decay_steps(optim.decay_fraction, train_steps) if optim.schedule == "wsd" else None
     return OptimizerParamScheduler(
         optimizer,
         init_lr=0.0 if optim.warmup_steps else optim.lr,

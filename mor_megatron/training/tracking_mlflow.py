@@ -15,14 +15,16 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mor_megatron.training.tracking import (
     MAX_PARAM_VALUE_LENGTH,
+    JsonlSink,
     NullSink,
+    RunStatus,
     check_artifact_name,
     check_metric_key,
 )
@@ -131,6 +133,38 @@ class _Finish:
     status: str
 
 
+@dataclass(frozen=True)
+class LoggedSteps:
+    """What a resumed run already holds, so that no (key, step) is logged twice (MLflow cannot delete one).
+
+    ``latest_step`` maps a key to the highest step the server has for it (read when the run was resumed);
+    a step at or below it is skipped. ``unknown_through`` bounds keys the server could not be asked about
+    (it was down at resume): steps up to it may be on the server already, so they are skipped too and
+    ``mor-track replay`` fills whatever was really missing from the JSONL copy.
+    """
+
+    latest_step: Mapping[str, int]
+    unknown_through: int | None
+
+    def is_new(self, key: str, step: int) -> bool:
+        """Whether ``key`` at ``step`` may be logged without duplicating a point of the run."""
+        bound = self.latest_step.get(key, self.unknown_through)
+        return bound is None or step > bound
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """What the logging rank puts on a run it opens: name and tags (new runs only), params, config YAML,
+    files uploaded when it closes (local path, artifact folder or None), the JSONL's ``superseded_step``."""
+
+    name: str
+    tags: Mapping[str, str]
+    params: Mapping[str, str]
+    config_yaml: str
+    upload_at_close: Sequence[tuple[Path, str | None]]
+    superseded_step: int | None
+
+
 class MlflowSink:
     """Logs to one existing MLflow run from a background thread, so the training loop never waits on HTTP.
 
@@ -138,12 +172,16 @@ class MlflowSink:
     error the sink reports once through ``outage`` and drops calls for ``outage.retry_after_s`` seconds, then
     tries again: cheaper than retrying each call against a dead server, and unlike giving up for good it picks
     a restarted server up again; the JSONL copy has everything in between. Metric timestamps are taken when
-    :meth:`log_metrics` is called, not when the queue is drained. ``close`` waits at most ``close_timeout_s``
-    and, when ``end_run`` is set, marks the run FINISHED or FAILED.
+    :meth:`log_metrics` is called, not when the queue is drained; points that ``logged`` says a resumed run
+    already holds are not sent. ``close`` uploads the ``upload_at_close`` files (local path, artifact folder
+    or None for the root), waits at most ``close_timeout_s`` and, when ``end_run`` is set, ends the run with
+    the status it is given (FINISHED, FAILED or KILLED).
     """
 
     def __init__(self, tracking_uri: str, run_id: str, *, outage: TrackingOutage, timeout_s: float = 5.0,
-                 queue_size: int = 10_000, close_timeout_s: float = 30.0, end_run: bool = True) -> None:
+                 queue_size: int = 10_000, close_timeout_s: float = 30.0, end_run: bool = True,
+                 logged: LoggedSteps | None = None,
+                 upload_at_close: Sequence[tuple[Path, str | None]] = ()) -> None:
         configure_mlflow_http(timeout_s)
         from mlflow.entities import Metric, Param
         from mlflow.tracking import MlflowClient
@@ -155,6 +193,8 @@ class MlflowSink:
         self._errors = _tracking_errors()
         self._close_timeout_s = close_timeout_s
         self._end_run = end_run
+        self._logged = logged or LoggedSteps({}, None)
+        self._upload_at_close = tuple(upload_at_close)
         self._queue: queue.Queue[_Call | _Finish] = queue.Queue(maxsize=queue_size)
         self._paused_until = 0.0
         self._dropped = 0
@@ -166,7 +206,7 @@ class MlflowSink:
         """Queue ``metrics`` at ``step``; never blocks."""
         timestamp_ms = int(time.time() * 1000)
         entries = [self._metric_cls(check_metric_key(key), float(value), timestamp_ms, int(step))
-                   for key, value in metrics.items()]
+                   for key, value in metrics.items() if self._logged.is_new(key, int(step))]
         for start in range(0, len(entries), _MAX_METRICS_PER_BATCH):
             chunk = entries[start:start + _MAX_METRICS_PER_BATCH]
             self._submit(_Call(f"logging metrics at step {step}",
@@ -187,14 +227,15 @@ class MlflowSink:
         self._submit(_Call(f"uploading artifact {name}",
                            lambda: self._client.log_text(self.run_id, text, name)))
 
-    def close(self, *, failed: bool = False) -> None:
-        """Send what is queued (bounded by ``close_timeout_s``), then end the run if this sink owns it."""
+    def close(self, *, status: RunStatus = "FINISHED") -> None:
+        """Send what is queued (bounded by ``close_timeout_s``), then end the run with ``status`` if this sink
+        owns it."""
         if self._closed:
             return
         self._closed = True
         deadline = time.monotonic() + self._close_timeout_s
         try:
-            self._queue.put(_Finish("FAILED" if failed else "FINISHED"), timeout=self._close_timeout_s)
+            self._queue.put(_Finish(status), timeout=self._close_timeout_s)
         except queue.Full:  # the worker is stuck behind a full queue; the join below gives up at the deadline
             pass
         self._thread.join(timeout=max(0.0, deadline - time.monotonic()))
@@ -216,6 +257,7 @@ class MlflowSink:
             while True:
                 item = self._queue.get()
                 if isinstance(item, _Finish):
+                    self._upload_files()
                     if self._end_run:
                         status = item.status
                         # Tried even while paused: it is one call, and it keeps a run from staying RUNNING.
@@ -224,6 +266,12 @@ class MlflowSink:
                         self._send(end, force=True)
                     return
                 self._send(item)
+
+    def _upload_files(self) -> None:
+        for path, folder in self._upload_at_close:
+            if path.is_file():
+                self._send(_Call(f"uploading {path}", lambda path=path, folder=folder:
+                                 self._client.log_artifact(self.run_id, str(path), folder)))
 
     def _send(self, call: _Call, *, force: bool = False) -> None:
         if not force and time.monotonic() < self._paused_until:
@@ -260,13 +308,15 @@ class SystemMetricsSink(NullSink):
     from our own thread: MLflow's loop asks the server for the run before every sample, stops for good at the
     first error with its own warning, and its ``finish()`` joins without a time limit. Here an error is
     reported once through ``outage``, publishing pauses for ``outage.retry_after_s``, and ``close`` is
-    bounded.
+    bounded. Every sample is also appended to ``jsonl_path`` (a :class:`JsonlSink` file of this node, with a
+    ``run`` record naming ``run_id``) at the step it has in MLflow, also while MLflow is unreachable; steps
+    continue after the highest one in that file or on the server, so a resumed job never reuses one.
     ``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL``/``_SAMPLES_BEFORE_LOGGING``/``_NODE_ID`` override the
     arguments, as in MLflow.
     """
 
     def __init__(self, tracking_uri: str, run_id: str, *, node_id: str, outage: TrackingOutage,
-                 interval_s: float = 10.0, resume: bool = False, timeout_s: float = 5.0,
+                 jsonl_path: Path, interval_s: float = 10.0, resume: bool = False, timeout_s: float = 5.0,
                  close_timeout_s: float = 10.0) -> None:
         configure_mlflow_http(timeout_s)
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
@@ -282,13 +332,21 @@ class SystemMetricsSink(NullSink):
                 run_id, sampling_interval=interval_s, samples_before_logging=1, resume_logging=resume,
                 node_id=node_id, tracking_uri=tracking_uri)
         self.node_id = self._monitor.node_id
+        self._jsonl = JsonlSink(jsonl_path)
+        last_copied = self._jsonl.last_step()
+        if last_copied is not None:
+            # The server may have missed the last samples (or was down when asked): the copy decides too.
+            self._monitor._logging_step = max(self._monitor._logging_step, last_copied + 1)
+        self._jsonl.log_run(run_id=run_id, run_name=None, experiment=None, tracking_uri=tracking_uri,
+                            start_step=self._monitor._logging_step)
         self._thread = threading.Thread(target=self._sample_loop, name=_SYSTEM_THREAD, daemon=True)
         self._thread.start()
 
-    def close(self, *, failed: bool = False) -> None:
+    def close(self, *, status: RunStatus = "FINISHED") -> None:
         """Publish the last partial sample and stop sampling, waiting at most ``close_timeout_s``."""
         self._stop.set()
         self._thread.join(timeout=self._close_timeout_s)
+        self._jsonl.close(status=status)
 
     def _sample_loop(self) -> None:
         with _quiet_http_retries():
@@ -311,6 +369,9 @@ class SystemMetricsSink(NullSink):
 
     def _publish(self) -> None:
         metrics = self._monitor.aggregate_metrics()
+        step = self._monitor._logging_step
+        prefix = f"system/{self.node_id}/" if self.node_id else "system/"  # as MLflow's publish_metrics
+        self._jsonl.log_metrics({prefix + key: value for key, value in metrics.items()}, step)
         if time.monotonic() >= self._paused_until:
             try:
                 self._monitor.publish_metrics(metrics)
@@ -320,6 +381,8 @@ class SystemMetricsSink(NullSink):
             except self._errors as err:
                 self._outage.report(f"logging system metrics of node {self.node_id}", err)
                 self._paused_until = time.monotonic() + self._outage.retry_after_s
+        # The JSONL copy has this step; the next sample must not reuse it (publish_metrics did not advance).
+        self._monitor._logging_step = step + 1
         # Dropped (paused or failed): clear the samples and the batch so they do not pile up while down.
         self._monitor.mlflow_logger.data = []
         for monitor in self._monitor.monitors:
@@ -348,12 +411,21 @@ def _experiment_id(client: MlflowClient, name: str, tracking_uri: str, run_dir: 
         return client.get_experiment_by_name(name).experiment_id
 
 
+@dataclass(frozen=True)
+class _OpenedRun:
+    run_id: str
+    params: dict[str, str] | None
+    """Params already on a resumed run; None for a new run."""
+    latest_step: dict[str, int]
+    """Highest step per metric key already on a resumed run; empty for a new run."""
+
+
 def _create_or_resume(client: MlflowClient, cfg: TrackingConfig, *, tracking_uri: str, run_dir: Path,
-                      resume_run_id: str | None) -> tuple[str, dict[str, str] | None]:
-    """Return (run_id, params already on the run or None for a new run); the run is left RUNNING."""
+                      spec: RunSpec, resume_run_id: str | None) -> _OpenedRun:
+    """Create the run (named and tagged from ``spec``) or resume it by id; the run is left RUNNING."""
     from mlflow.exceptions import MlflowException
 
-    tags = {"mor.run_dir": str(run_dir.resolve())}
+    tags = {**spec.tags, "mor.run_dir": str(run_dir.resolve())}
     if resume_run_id is not None:
         try:
             run = client.get_run(resume_run_id)
@@ -365,49 +437,62 @@ def _create_or_resume(client: MlflowClient, cfg: TrackingConfig, *, tracking_uri
             tags["mor.resumed_from_missing_run"] = resume_run_id
         else:
             client.update_run(resume_run_id, status="RUNNING")
-            return resume_run_id, dict(run.data.params)
+            # The run's latest value per key carries its step: one request, where reading every metric's
+            # history would fetch the whole run. MLflow's own SystemMetricsMonitor reads it the same way.
+            latest = {metric.key: metric.step for metric in run.data._metric_objs}
+            return _OpenedRun(resume_run_id, dict(run.data.params), latest)
     experiment_id = _experiment_id(client, cfg.experiment, tracking_uri, run_dir)
-    run = client.create_run(experiment_id, run_name=cfg.run_name, tags=tags)
-    return run.info.run_id, None
+    # An explicit name: MLflow's generated names come from `random`, which training seeds identically.
+    run = client.create_run(experiment_id, run_name=spec.name, tags=tags)
+    return _OpenedRun(run.info.run_id, None, {})
 
 
-def open_run(cfg: TrackingConfig, *, tracking_uri: str, run_dir: Path, params: Mapping[str, str],
-             config_yaml: str, resume_run_id: str | None, outage: TrackingOutage,
+def open_run(cfg: TrackingConfig, *, tracking_uri: str, run_dir: Path, spec: RunSpec,
+             resume_run_id: str | None, outage: TrackingOutage,
              close_timeout_s: float) -> tuple[MlflowSink | None, str | None]:
-    """Logging rank: create (or resume by id) the run and queue ``params`` and the config YAML as an artifact.
+    """Logging rank: create (or resume by id) the run and queue ``spec.params`` and the config YAML artifact.
 
     Returns the sink and the run id. Unreachable at a fresh start: reported through ``outage``, (None, None).
     Unreachable at resume: the sink keeps ``resume_run_id`` and retries later, so the id survives into the
-    next checkpoint. A resume id unknown to the server starts a new run, tagged
-    ``mor.resumed_from_missing_run``.
+    next checkpoint; it skips steps up to ``spec.superseded_step`` (:class:`LoggedSteps`). A resume id
+    unknown to the server starts a new run, tagged ``mor.resumed_from_missing_run``.
     """
     configure_mlflow_http(cfg.timeout_s)
     from mlflow.tracking import MlflowClient
 
-    existing: dict[str, str] | None = None
+    opened: _OpenedRun | None = None
     try:
         with _quiet_http_retries():
-            run_id, existing = _create_or_resume(MlflowClient(tracking_uri), cfg, tracking_uri=tracking_uri,
-                                                 run_dir=run_dir, resume_run_id=resume_run_id)
+            opened = _create_or_resume(MlflowClient(tracking_uri), cfg, tracking_uri=tracking_uri,
+                                       run_dir=run_dir, spec=spec, resume_run_id=resume_run_id)
     except _tracking_errors() as err:
         outage.report("starting the run", err)
         if resume_run_id is None:
             return None, None
-        # Keep the id: the next checkpoint still points at the run, and the sink retries later.
-        run_id = resume_run_id
+    # Unreachable at resume: keep the id, so the next checkpoint still points at the run; retried later.
+    run_id = opened.run_id if opened is not None else resume_run_id
+    logged = (LoggedSteps(opened.latest_step, None) if opened is not None
+              else LoggedSteps({}, spec.superseded_step))
     sink = MlflowSink(tracking_uri, run_id, outage=outage, timeout_s=cfg.timeout_s,
-                      close_timeout_s=close_timeout_s)
+                      close_timeout_s=close_timeout_s, logged=logged, upload_at_close=spec.upload_at_close)
     if resume_run_id is None or run_id != resume_run_id:
-        sink.log_params(params)
-        sink.log_artifact_text("config.yaml", config_yaml)
+        sink.log_params(spec.params)
+        sink.log_artifact_text("config.yaml", spec.config_yaml)
         return sink, run_id
+    _log_resume_params(sink, spec.params, opened.params if opened is not None else None)
+    sink.log_artifact_text(f"config_resume_{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}.yaml",
+                           spec.config_yaml)
+    return sink, run_id
+
+
+def _log_resume_params(sink: MlflowSink, params: Mapping[str, str],
+                       existing: Mapping[str, str] | None) -> None:
     # MLflow params are immutable: a resumed run keeps its values; new keys are added and the config this
     # job actually ran with is stored beside the original.
-    if existing is not None:
-        sink.log_params({k: v for k, v in params.items() if k not in existing})
-        changed = sorted(k for k, v in params.items() if k in existing and existing[k] != v)
-        if changed:
-            _log.info("resumed MLflow run %s keeps its original params; changed on resume: %s", run_id,
-                      ", ".join(changed))
-    sink.log_artifact_text(f"config_resume_{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}.yaml", config_yaml)
-    return sink, run_id
+    if existing is None:
+        return
+    sink.log_params({k: v for k, v in params.items() if k not in existing})
+    changed = sorted(k for k, v in params.items() if k in existing and existing[k] != v)
+    if changed:
+        _log.info("resumed MLflow run %s keeps its original params; changed on resume: %s", sink.run_id,
+                  ", ".join(changed))

@@ -8,6 +8,7 @@ time, MLflow run id).
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Callable
@@ -24,9 +25,24 @@ from mor_megatron.model.flops import flops_per_token
 from mor_megatron.runtime import DistributedContext
 from mor_megatron.training import metrics as M
 from mor_megatron.training.checkpoint import LoopState
+from mor_megatron.training.console import (
+    RunFacts,
+    RunOutcome,
+    eta_seconds,
+    format_duration,
+    run_summary,
+    startup_banner,
+)
 from mor_megatron.training.engine import Batches, Engine
 from mor_megatron.training.evaluate import validation_metrics
-from mor_megatron.training.tracking import MetricSink, start_tracking
+from mor_megatron.training.save_dir_lock import SaveDirLock, lock_save_dir
+from mor_megatron.training.stopping import ExitSignals, LauncherWatch, StopConditions, world_max
+from mor_megatron.training.tracking import (
+    MetricSink,
+    metrics_jsonl_path,
+    resolve_tracking_uri,
+    start_tracking,
+)
 
 EngineFactory = Callable[[JobConfig, DistributedContext], Engine]
 
@@ -41,10 +57,22 @@ class Trainer:
         self.run_dir = Path(config.output_dir)
         self.loop = LoopState()
         self.sink: MetricSink | None = None
+        self.save_dir_lock: SaveDirLock | None = None
+        self.started_s = time.monotonic()  # train.exit_duration_mins counts from here
+        self.launcher = LauncherWatch()  # now: a launcher that dies while the job builds is noticed too
+        self.exit_signals: ExitSignals | None = None
+        self.stop_reason: str | None = None
+        """Why :meth:`train` stopped before ``train.train_steps`` (then the run ends as KILLED), else None."""
+        self.val_losses: list[tuple[int, float]] = []
+        """(step, val/loss) of each evaluation of this job, for the end-of-run summary."""
 
     def build(self) -> None:
-        """Data, engine (model, optimizer, schedule), checkpoint resume, tracking: in that order."""
+        """Save-dir lock, data, engine (model, optimizer, schedule), checkpoint resume, tracking: in that order."""
         cfg = self.config
+        # First, so that a second job on the same save_dir stops before it loads anything.
+        self.save_dir_lock = lock_save_dir(cfg.checkpoint.save_dir)
+        # From here on SIGTERM/SIGUSR1 stop training after a step with a checkpoint instead of killing it.
+        self.exit_signals = ExitSignals()
         tokenizer = load_tokenizer(cfg.data.tokenizer)
         self.train_ds, self.valid_ds, _ = build_gpt_datasets(
             cfg.data, seq_length=cfg.seq_length, num_samples=num_samples_for(cfg.train), tokenizer=tokenizer)
@@ -56,16 +84,31 @@ class Trainer:
         tracking = cfg.tracking
         self.sink, self.loop.mlflow_run_id = start_tracking(
             tracking, run_dir=self.run_dir, config_dict=config_to_dict(cfg), resume_run_id=self.loop.mlflow_run_id,
-            is_logging_rank=self.engine.is_logging_rank, local_rank=self.ctx.local_rank,
+            is_logging_rank=self.engine.is_logging_rank, resume_step=self.loop.step,
+            local_rank=self.ctx.local_rank,
             node_id=f"node{self.ctx.node_rank}", system_metrics_interval_s=tracking.system_metrics_interval_s,
             retry_after_s=tracking.retry_after_s, close_timeout_s=tracking.close_timeout_s)
         self.flops_per_token = flops_per_token(cfg.model, cfg.recursion,
                                                cfg.seq_length).training_flops_per_token_with_lm_head
-        if self.sink is not None:
-            self.sink.log_params({key: str(int(value)) for key, value in self._parameter_counts().items()})
+        counts = self._parameter_counts()
+        self.sink.log_params({key: str(int(value)) for key, value in counts.items()})
+        # DeepSpeed engines carry the JSON DeepSpeed actually ran with (batch sizes and precision filled in).
+        ds_config = getattr(self.engine, "ds_config", None)
+        if ds_config is not None:
+            self.sink.log_artifact_text("deepspeed_config.json", json.dumps(ds_config, indent=2))
         if self.engine.is_logging_rank:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(dump_config(cfg))
+        self._log_rank0(startup_banner(cfg, self._run_facts(counts)))
+
+    def _run_facts(self, counts: dict[str, float]) -> RunFacts:
+        dims, tracking = self.ctx.dims, self.config.tracking
+        stages = [int(counts[f"{M.MODEL_PARAMS_STAGE_PREFIX}{stage}"]) for stage in range(dims.pp)]
+        tracking_uri = resolve_tracking_uri(tracking.tracking_uri, self.run_dir) if tracking.enabled else None
+        return RunFacts(total_params=int(counts[M.MODEL_PARAMS_TOTAL]), params_per_stage=stages,
+                        flops_per_token=self.flops_per_token, world_size=dims.world_size, tp=dims.tp,
+                        pp=dims.pp, dp=dims.dp, tracking_uri=tracking_uri, run_id=self.loop.mlflow_run_id,
+                        resumed_step=self.loop.step)
 
     def _batches(self, dataset, consumed_samples: int) -> Batches:
         return iter(build_data_loader(dataset, micro_batch_size=self.config.train.micro_batch_size,
@@ -79,6 +122,8 @@ class Trainer:
     def train(self) -> LoopState:
         """Run until ``train.train_steps``; evaluates, logs and checkpoints on their intervals."""
         cfg, tcfg = self.config, self.config.train
+        stop = StopConditions(tcfg, agree_max=world_max(self.ctx.device), signals=self.exit_signals,
+                              launcher=self.launcher, started_s=self.started_s)
         batches = self._batches(self.train_ds, self.loop.consumed_samples)
         while self.loop.step < tcfg.train_steps:
             start = time.perf_counter()
@@ -95,11 +140,30 @@ class Trainer:
                 self._emit(val)
                 self._log_rank0(f" validation at step {step} | lm loss {val[M.VAL_LOSS]:.4f} | causal-routing "
                                 f"loss {val[M.VAL_LOSS_CAUSAL]:.4f} | ppl {val[M.VAL_PPL]:.2f}")
+            self.stop_reason = None if last else stop.check(step)
             interval = cfg.checkpoint.save_interval
-            if cfg.checkpoint.save_dir and ((interval and step % interval == 0) or last):
+            if cfg.checkpoint.save_dir and ((interval and step % interval == 0) or last or self.stop_reason):
                 path = self.engine.save(step, self.loop, config_to_dict(cfg))
                 self._log_rank0(f" saved checkpoint {path}")
+            if self.stop_reason:
+                then = ("rerun the command to resume" if cfg.checkpoint.save_dir
+                        else "not saved (no checkpoint.save_dir)")
+                self._log_rank0(f" stopping after step {step} of {tcfg.train_steps}: {self.stop_reason}; {then}")
+                break
+        self._log_rank0(self._summary())
         return self.loop
+
+    def _summary(self) -> str:
+        cfg = self.config
+        outcome = RunOutcome(steps_done=self.loop.step, train_steps=cfg.train.train_steps,
+                             tokens_consumed=self._tokens_consumed(),
+                             wall_time_s=time.monotonic() - self.started_s,
+                             train_time_s=self.loop.train_time_s, val_losses=self.val_losses,
+                             stop_reason=self.stop_reason)
+        return run_summary(cfg, outcome, metrics_jsonl_path(cfg.tracking, self.run_dir))
+
+    def _tokens_consumed(self) -> int:
+        return self.loop.consumed_samples * self.config.seq_length
 
     def _log_step(self, step_metrics: dict[str, float], elapsed: float) -> None:
         cfg = self.config
@@ -112,28 +176,27 @@ class Trainer:
                                        num_nodes=self.ctx.num_nodes))
         values.update(self._router_stats())
         values[M.TIME_TRAIN_S] = self.loop.train_time_s
+        values[M.TRAIN_TOKENS_CONSUMED] = float(self._tokens_consumed())
+        values[M.TRAIN_FLOPS_CONSUMED] = self._tokens_consumed() * self.flops_per_token
         self._emit(values)
+        eta = eta_seconds(train_time_s=self.loop.train_time_s, steps_done=self.loop.step,
+                          train_steps=cfg.train.train_steps)
         self._log_rank0(
             f" iteration {self.loop.step:8d}/{cfg.train.train_steps:8d} | consumed samples: "
             f"{self.loop.consumed_samples:10d} | elapsed time per iteration (ms): {elapsed * 1e3:.1f} | "
             f"learning rate: {values[M.OPTIM_LR]:.3E} | global batch size: {cfg.train.global_batch_size:5d} | "
             f"lm loss: {values[M.TRAIN_LM_LOSS]:.6E} | grad norm: {values[M.OPTIM_GRAD_NORM]:.3f} | "
-            f"tokens/s: {values[M.PERF_TOKENS_PER_S]:.0f}")
+            f"tokens/s: {values[M.PERF_TOKENS_PER_S]:.0f} | ETA: {format_duration(eta or 0.0)}")
 
     def _parameter_counts(self) -> dict[str, float]:
-        """Parameters held by each pipeline stage (this TP rank's shard) and the stages' sum (collective).
-
-        Logged once as run parameters (they do not change during training)."""
-        # Under DeepSpeed ZeRO-3 a parameter holds only its partition; ds_numel is its full size.
-        local = sum(getattr(p, "ds_numel", p.numel()) for p in self.engine.model.parameters())
-        counts = [0] * self.ctx.dims.pp
+        """Parameters held by each pipeline stage (this TP rank's shard) and the model's total, a tied embedding
+        counted once (collective over the pipeline group). Logged once as run parameters."""
+        local = M.held_parameters(self.engine.model.parameters())
+        stages = [local]
         if self.ctx.dims.pp > 1:
-            dist.all_gather_object(counts, local, group=parallel_state.get_pipeline_model_parallel_group())
-        else:
-            counts = [local]
-        values = {f"{M.MODEL_PARAMS_STAGE_PREFIX}{stage}": float(n) for stage, n in enumerate(counts)}
-        values[M.MODEL_PARAMS_TOTAL] = float(sum(counts))
-        return values
+            stages = [None] * self.ctx.dims.pp
+            dist.all_gather_object(stages, local, group=parallel_state.get_pipeline_model_parallel_group())
+        return M.parameter_count_metrics(stages)
 
     def _peak_flops(self) -> float | None:
         configured = self.config.tracking.peak_tflops
@@ -164,6 +227,8 @@ class Trainer:
         return float(tensor[0])
 
     def _emit(self, values: dict[str, float]) -> None:
+        if M.VAL_LOSS in values:  # every evaluation passes through here; the summary reports best and last
+            self.val_losses.append((self.loop.step, values[M.VAL_LOSS]))
         if self.sink is not None:
             self.sink.log_metrics(values, self.loop.step)
 
@@ -172,7 +237,14 @@ class Trainer:
             print(message, flush=True)
 
     def close(self, *, failed: bool = False) -> None:
-        """Flush and close tracking (bounded wait)."""
+        """Flush and close tracking (bounded wait): FAILED, KILLED after an early stop, else FINISHED; release
+        the save_dir lock."""
         if self.sink is not None:
-            self.sink.close(failed=failed)
+            self.sink.close(status="FAILED" if failed else "KILLED" if self.stop_reason else "FINISHED")
             self.sink = None
+        if self.exit_signals is not None:
+            self.exit_signals.restore()
+            self.exit_signals = None
+        if self.save_dir_lock is not None:
+            self.save_dir_lock.release()
+            self.save_dir_lock = None

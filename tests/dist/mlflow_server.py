@@ -104,15 +104,18 @@ def _stop(state_dir: Path) -> None:
 
 
 @contextlib.contextmanager
-def mlflow_server(state_dir: Path, *, wait_s: float = 60) -> Iterator[MlflowServer]:
+def mlflow_server(state_dir: Path, *, wait_s: float = 60, keep_store: bool = False) -> Iterator[MlflowServer]:
     """Start a server on a free 127.0.0.1 port with its state in ``state_dir``; stop it on exit, always.
 
-    Waits at most ``wait_s`` for ``/health`` per attempt (a cold start takes 5-15 s, more on a busy machine).
-    Raises RuntimeError with the script's stderr (the server log tail) if it does not come up.
+    Starts from an empty store unless ``keep_store`` (a restart after :meth:`MlflowServer.kill`: the runs
+    logged so far are still there; the port is a new one). Waits at most ``wait_s`` for ``/health`` per
+    attempt (a cold start takes 5-15 s, more on a busy machine). Raises RuntimeError with the script's stderr
+    (the server log tail) if it does not come up.
     """
     env = {**os.environ, "MLFLOW_BIN": str(Path(sys.executable).with_name("mlflow"))}
     Path(state_dir).mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(_migrated_store(), Path(state_dir) / "mlflow.db")
+    if not (keep_store and (Path(state_dir) / "mlflow.db").is_file()):
+        shutil.copyfile(_migrated_store(), Path(state_dir) / "mlflow.db")
     errors = []
     try:
         for _ in range(_START_ATTEMPTS):

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from mor_megatron.bench.synthetic import synthetic_batches
-from mor_megatron.config import JobConfig, config_from_dict
+from mor_megatron.config import JobConfig, config_from_dict, config_to_dict
 
 
 def job_config(preset: str, *, tp: int, pp: int, overrides: dict | None = None, save_dir: str | None = None) -> JobConfig:
@@ -35,8 +35,9 @@ def run_variant(ctx_kwargs: dict, *, preset: str, tp: int, pp: int, init_dir: st
     """Train ``steps`` steps at (tp, pp) from the weights in ``init_dir`` (written first if absent).
 
     With ``load_dir``, the full training state is resumed from there instead and nothing is trained; with
-    ``save_dir``, the state is saved after training. Returns per-step metrics, the eval loss after training,
-    the unique layers and parameter count of this rank.
+    ``save_dir``, the state is saved after training (or, after a resume, saved again at this layout). Returns
+    per-step metrics, the eval loss after training, the unique layers and parameter count of this rank (also
+    as :func:`held_parameters`).
     """
     from megatron.core import dist_checkpointing
 
@@ -44,6 +45,7 @@ def run_variant(ctx_kwargs: dict, *, preset: str, tp: int, pp: int, init_dir: st
     from mor_megatron.runtime import destroy_distributed, init_distributed
     from mor_megatron.training.checkpoint import LoopState
     from mor_megatron.training.megatron_engine import MegatronEngine
+    from mor_megatron.training.metrics import held_parameters
 
     config = job_config(preset, tp=tp, pp=pp, overrides=overrides, save_dir=save_dir)
     if load_dir is not None:
@@ -55,7 +57,11 @@ def run_variant(ctx_kwargs: dict, *, preset: str, tp: int, pp: int, init_dir: st
         model = engine.model
         history = []
         if load_dir is not None:
-            engine.resume()
+            loop = engine.resume()
+            if loop is None:
+                raise FileNotFoundError(f"no checkpoint to resume in {load_dir}")
+            if save_dir is not None:
+                engine.save(loop.step, loop, config_to_dict(config))
         else:
             init = Path(init_dir)
             if not (init / "metadata.json").is_file():
@@ -70,11 +76,12 @@ def run_variant(ctx_kwargs: dict, *, preset: str, tp: int, pp: int, init_dir: st
             batches = synthetic_batches(config, ctx.dp_rank, ctx.dims.dp, steps)
             history = [engine.train_step(batches) for _ in range(steps)]
             if save_dir is not None:
-                engine.save(steps, LoopState(step=steps), {})
+                engine.save(steps, LoopState(step=steps), config_to_dict(config))
         eval_batches = synthetic_batches(config, ctx.dp_rank, ctx.dims.dp, 1)
         eval_loss = engine.eval_loss(eval_batches, num_batches=1, routing_mode="topk")
         return {"history": history, "eval_loss": eval_loss, "layers": list(model.decoder.layer_ids),
-                "num_params": sum(p.numel() for p in model.parameters()), "pp_rank": ctx.pp_rank,
+                "num_params": sum(p.numel() for p in model.parameters()),
+                "held_params": held_parameters(model.parameters()), "pp_rank": ctx.pp_rank,
                 "tp_rank": ctx.tp_rank}
     finally:
         destroy_distributed(keep_process_group=True)

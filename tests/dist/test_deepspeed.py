@@ -8,6 +8,8 @@
   invalidated, through training and evaluation with both routings.
 * A preempted ZeRO-3 job resumed by ``mor_megatron.pretrain_deepspeed`` continues the uninterrupted job's loss
   sequence exactly; its final checkpoint converts to the Megatron format and evaluates there to the same loss.
+* A ZeRO-1 job with dropout stopped by ``train.exit_interval`` saves that step and ends KILLED; rerun, it logs
+  the uninterrupted job's values bit for bit.
 * Two nodes on loopback (torchrun agents; the ``deepspeed --no_ssh`` launcher in the slow test) log one MLflow
   run. Slow: TP=2 x DP=2 on 4 ranks under ZeRO-2 and ZeRO-3 (with a TP=2 checkpoint conversion), CPU offload.
 
@@ -253,6 +255,30 @@ def test_zero3_checkpoint_converts_and_evaluates_identically_on_the_megatron_pat
     assert result["val/loss_causal"] == pytest.approx(logged["val/loss_causal"], rel=0, abs=1e-6)
 
 
+def _straight_exited_resumed(rank: int, world_size: int, straight: list[str], stopped: list[str]) -> None:
+    """5 steps straight; the same job with train.exit_interval=2 (stops after step 2), then rerun without it."""
+    _train(straight, engine="deepspeed")
+    _train([*stopped, "train.exit_interval=2"], engine="deepspeed")
+    _train(stopped, engine="deepspeed")
+
+
+def test_exit_interval_saves_ends_killed_and_resumes_exactly_with_dropout(tiny_data, tmp_path):
+    extra = ["deepspeed.zero_stage=1", "model.hidden_dropout=0.1", "model.attention_dropout=0.1"]
+    straight = _base(tiny_data, tmp_path / "straight", *extra)
+    stopped = _base(tiny_data, tmp_path / "stopped", *extra, f"checkpoint.save_dir={tmp_path / 'stopped' / 'ckpt'}")
+    run_ranks(_straight_exited_resumed, 2, tmp_path / "ranks", timeout_s=400, straight=straight, stopped=stopped)
+
+    records = [json.loads(line) for line in (tmp_path / "stopped" / "metrics.jsonl").read_text().splitlines()]
+    assert [record["status"] for record in records if record["kind"] == "end"] == ["KILLED", "FINISHED"]
+    published = sorted(p.name for p in (tmp_path / "stopped" / "ckpt").iterdir() if p.name.startswith("step_"))
+    assert published == ["step_00000002", "step_00000005"]
+    expected, resumed = jsonl_metrics(tmp_path / "straight"), jsonl_metrics(tmp_path / "stopped")
+    assert sorted(resumed) == sorted(expected) == list(range(1, STEPS + 1))
+    for step in expected:  # bit for bit: the dropout masks after the resume are the uninterrupted job's
+        for key in ("train/lm_loss", "optim/grad_norm", "optim/lr", "val/loss"):
+            assert resumed[step].get(key) == expected[step].get(key), (step, key)
+
+
 # -- launchers: two nodes on loopback, one MLflow run -------------------------------------------------------------
 def _free_port() -> int:
     import socket
@@ -305,6 +331,11 @@ def _assert_one_run_from_both_nodes(root: Path, log_dir: Path) -> None:
     # Rank 0 logs every node's peak memory: node 1 trained in this run.
     assert {"mem/node0/peak_rss_gib", "mem/node1/peak_rss_gib"} <= run.data.metrics.keys(), (
         sorted(run.data.metrics), (log_dir / "node1.log").read_text()[-3000:])
+    # The JSON DeepSpeed ran with, and the JSONL copy, are artifacts; each node copied its system metrics.
+    artifacts = {artifact.path for artifact in client.list_artifacts(run.info.run_id)}
+    assert {"deepspeed_config.json", "metrics.jsonl"} <= artifacts, artifacts
+    copies = sorted(path.name for path in (root / "run" / "system_metrics").glob("*.jsonl"))
+    assert copies == ["node0.jsonl", "node1.jsonl"], copies
 
 
 def test_two_torchrun_nodes_on_loopback_log_one_mlflow_run(tiny_data, tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 
+from mor_megatron.training.metrics import MODEL_PARAMS_TOTAL, parameter_count_metrics
 from tests.dist.launch import run_ranks
 from tests.dist.pipeline_job import run_variants
 
@@ -44,8 +45,9 @@ def reference(tmp_path_factory):
 def _assert_same_training(reference: dict, results: list[dict], layout: str) -> None:
     for name, ref in reference.items():
         last_stage = [r[name] for r in results if r[name]["pp_rank"] == max(x[name]["pp_rank"] for x in results)]
+        assert ref["history"] and last_stage, f"{layout} {name}: nothing to compare"
         for got in last_stage:
-            for step, (a, b) in enumerate(zip(ref["history"], got["history"]), start=1):
+            for step, (a, b) in enumerate(zip(ref["history"], got["history"], strict=True), start=1):
                 assert abs(a["train/lm_loss"] - b["train/lm_loss"]) <= 1e-5, f"{layout} {name} step {step} loss"
                 assert abs(a["optim/grad_norm"] - b["optim/grad_norm"]) <= 1e-5, f"{layout} {name} step {step} norm"
 
@@ -66,6 +68,10 @@ def test_pp2_trains_like_pp1_and_holds_each_shared_layer_once(reference, tmp_pat
         # The largest rank holds at most half the shared block plus its unique layers, embedding/head, routers:
         # far less than the whole model.
         assert max(r["num_params"] for r in per_rank) < 0.75 * ref[name]["num_params"], name
+        # Both stages hold the tied word embedding (first as input, last as output layer); counted once, the
+        # stages add up to the single-rank model. Without the correction the total is one embedding too big.
+        total = parameter_count_metrics([r["held_params"] for r in per_rank])[MODEL_PARAMS_TOTAL]
+        assert total == ref[name]["num_params"] < sum(r["num_params"] for r in per_rank), name
 
 
 @pytest.mark.dist
@@ -79,6 +85,8 @@ def test_tp2_pp2_trains_like_single_rank(reference, tmp_path):
 
 @pytest.mark.dist
 def test_checkpoint_moves_between_pp2_and_pp1(reference, tmp_path):
+    """PP=2 -> PP=1 (resumed, saved again) -> PP=2, the same eval loss at every hop. The last hop reads the PP=1
+    checkpoint, so it fails if that save is skipped (a missing checkpoint raises in the job)."""
     ref_dir, _ = reference
     variants = {"mor-e-r3": VARIANTS["mor-e-r3"]}
     saved = run_ranks(run_variants, 2, tmp_path / "save", variants=_with_init(ref_dir, variants), tp=1, pp=2,
@@ -87,5 +95,5 @@ def test_checkpoint_moves_between_pp2_and_pp1(reference, tmp_path):
                           steps=0, load_dir=str(tmp_path / "ckpt_pp2"), save_dir=str(tmp_path / "ckpt_pp1"))
     assert abs(saved[1]["mor-e-r3"]["eval_loss"] - loaded["mor-e-r3"]["eval_loss"]) <= 1e-6
     back = run_ranks(run_variants, 2, tmp_path / "back", variants=_with_init(ref_dir, variants), tp=1, pp=2,
-                     steps=0, load_dir=str(tmp_path / "ckpt_pp2"))
+                     steps=0, load_dir=str(tmp_path / "ckpt_pp1"))  # the PP=1 re-save, back at PP=2
     assert abs(back[1]["mor-e-r3"]["eval_loss"] - loaded["mor-e-r3"]["eval_loss"]) <= 1e-6

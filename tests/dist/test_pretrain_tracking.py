@@ -116,7 +116,19 @@ def test_two_process_training_logs_one_complete_run(tiny_data, tmp_path):
         assert {key: params.get(key) for key in resolved} == resolved
         assert params["train.train_steps"] == str(steps) and params["model.hidden_size"] != "null"
         assert params["runtime.world_size"] == "2" and params["runtime.num_nodes"] == "1"
-        assert "config.yaml" in [artifact.path for artifact in client.list_artifacts(run_id)]
+        assert {"config.yaml", "metrics.jsonl"} <= {artifact.path for artifact in client.list_artifacts(run_id)}
+        assert run.data.tags["mlflow.source.git.commit"] == params["runtime.git_commit"]
+        assert run.info.run_name.startswith(params["preset"] + "-")  # <preset>-<UTC time>-<random hex>
+
+        # Tokens and FLOPs consumed: the x-axis for comparing MoR with vanilla.
+        tokens = history(m.TRAIN_TOKENS_CONSUMED)
+        assert tokens == {s: float(s * 8 * 64) for s in every}  # global batch 8 x 64 tokens per step
+        flops = history(m.TRAIN_FLOPS_CONSUMED)
+        assert flops[steps] / tokens[steps] == pytest.approx(flops[1] / tokens[1]) and flops[1] > 0
+        # Rank 0's console: banner (with the run), an ETA per iteration, the end summary.
+        stdout = agents[0].stdout.read_text()
+        assert f"run {run_id} at {server.uri}" in stdout and "ETA: " in stdout, stdout[-3000:]
+        assert f"run finished: step {steps}/{steps}" in stdout and "best " in stdout, stdout[-3000:]
 
 
 def test_server_killed_mid_run_training_finishes(tiny_data, tmp_path):

@@ -2,13 +2,17 @@
 
 Each rank plays one node: it leads its node's system metrics with its own node id, and rank 0 is the
 logging rank. The first test reads the one run back through ``MlflowClient``; the second kills the server
-mid-run and checks that training still ends cleanly with every metric in the JSONL copy.
+mid-run and checks that training still ends cleanly with every metric in the JSONL copy; the third then
+restarts the server and checks that ``mor-track replay`` completes the run: every JSONL point once, status
+FINISHED, and a second replay adds nothing.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -143,3 +147,58 @@ def test_server_killed_mid_run_training_finishes_with_jsonl_complete(server, tmp
     assert uri in warnings[0] and str(tmp_path / "run" / "metrics.jsonl") in warnings[0]
     assert len(results[1]["warnings"]) <= 1  # the other node's system metrics: at most one warning
     assert results[0]["close_s"] < 10 and results[1]["close_s"] < 10
+
+
+def _jsonl_points(run_dir: Path) -> dict[tuple[str, int], float]:
+    """Every (key, step) -> value in the job's JSONL copies: the logging rank's and each node's system file."""
+    files = [run_dir / "metrics.jsonl", *sorted((run_dir / "system_metrics").glob("*.jsonl"))]
+    points = {}
+    for path in files:
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            if record["kind"] == "metrics":
+                points.update({(key, record["step"]): value for key, value in record["metrics"].items()})
+    return points
+
+
+def _replay(run_dir: Path, uri: str) -> dict:
+    """``mor-track replay`` as a user runs it: its own process, one JSON line on stdout."""
+    command = [sys.executable, "-m", "mor_megatron.cli.track", "replay", str(run_dir), "--tracking-uri", uri]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)["runs"][0]
+
+
+# Two server starts, two gloo ranks and two replay processes: ~40 s idle; a loaded 2-core machine takes longer.
+@pytest.mark.timeout(360)
+def test_replay_after_an_outage_completes_the_run_once(server, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from mor_megatron.training.tracking_replay import replay
+
+    run_dir = tmp_path / "run"
+    results = run_ranks(_simulate_training, 2, tmp_path / "ranks", timeout_s=120, tracking_uri=server.uri,
+                        run_dir=str(run_dir), kill_server=server, kill_after_step=2)
+    run_id = results[0]["run_id"]
+    expected = _jsonl_points(run_dir)
+    # The server comes back (same store, another port) holding only what arrived before it died.
+    with mlflow_server(server.state_dir, keep_store=True) as restarted:
+        client = MlflowClient(restarted.uri)
+
+        def on_server() -> dict[tuple[str, int], list[float]]:
+            held: dict[tuple[str, int], list[float]] = {}
+            for key in {key for key, _ in expected}:
+                for metric in client.get_metric_history(run_id, key):
+                    held.setdefault((key, metric.step), []).append(metric.value)
+            return held
+
+        before = on_server()
+        assert len(before) < len(expected) and client.get_run(run_id).info.status == "RUNNING"
+        first = _replay(run_dir, restarted.uri)
+        assert first["points_uploaded"] == len(expected) - len(before) and first["status_set"] == "FINISHED"
+        after = on_server()
+        assert after == {point: [value] for point, value in expected.items()}  # all of them, once each
+        assert client.get_run(run_id).info.status == "FINISHED"
+        (second,) = replay(run_dir / "metrics.jsonl", tracking_uri=restarted.uri)["runs"]
+        assert second["points_uploaded"] == 0 and second["status_set"] is None
+        assert on_server() == after

@@ -106,3 +106,49 @@ def test_config_module_imports_without_torch():
     code = ("import sys; sys.modules['torch'] = None; sys.modules['megatron'] = None; "
             "import mor_megatron.config as c; c.preset('360m-mor-e-r3')")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("preset: tiny-mor-e-r3\ntrain:\n  train_steps: 10\n   seq_length: 64\n",
+     "is not valid YAML: mapping values are not allowed here at line 4, column 14; fix the syntax there"),
+    ("preset: tiny-mor-e-r3\ndata:\n  blend: [a, b\n",
+     "is not valid YAML: expected ',' or ']', but got '<stream end>' at line 4, column 1"),
+    ("preset: 'tiny-mor-e-r3\n", "is not valid YAML: found unexpected end of stream at line 2, column 1"),
+], ids=["indentation", "unclosed-bracket", "unclosed-quote"])
+def test_malformed_yaml_is_one_line_naming_file_and_place(tmp_path, text, expected):
+    path = tmp_path / "job.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as raised:
+        load_config(path)
+    message = str(raised.value)
+    assert message.startswith(f"config file '{path}' ") and expected in message and "\n" not in message
+
+
+def test_non_utf8_config_file_names_the_byte_offset(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_bytes(b"preset: tiny-mor-e-r3\noutput_dir: runs/caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"is not UTF-8 text \(byte 0xe9 at line 2, byte offset 42\); save it"):
+        load_config(path)
+
+
+def test_malformed_override_value_names_the_override():
+    with pytest.raises(ConfigError, match=r"override 'data.blend=\[a,': the value is not valid YAML"):
+        load_config(None, ["preset=tiny-mor-e-r3", "data.blend=[a,"])
+
+
+@pytest.mark.parametrize(("overrides", "save_dir"), [
+    ([], "runs/default/checkpoints"),
+    (["output_dir=runs/mine"], "runs/mine/checkpoints"),
+    (["output_dir=runs/mine", "checkpoint.save_dir=elsewhere/ckpt"], "elsewhere/ckpt"),
+    (["output_dir=runs/mine", "checkpoint.save_dir=null"], None),
+], ids=["default-output-dir", "follows-output-dir", "explicit", "null-disables"])
+def test_save_dir_defaults_under_output_dir(overrides, save_dir):
+    config = load_config(None, ["preset=tiny-mor-e-r3", *overrides])
+    assert config.checkpoint.save_dir == save_dir
+    assert config_from_dict(config_to_dict(config)) == config  # the written config.yaml names the folder used
+
+
+def test_demo_config_saves_under_whatever_output_dir_a_run_uses():
+    assert load_config(REPO / "configs" / "demo.yaml").checkpoint.save_dir == "runs/demo/checkpoints"
+    mine = load_config(REPO / "configs" / "demo.yaml", ["output_dir=runs/mine"])
+    assert mine.checkpoint.save_dir == "runs/mine/checkpoints"

@@ -4,6 +4,7 @@ datasets, the resumable data-parallel sampler, the pre-flight checks and the ``m
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -244,7 +245,7 @@ def test_data_loader_resume_yields_same_batches(tmp_path, prefix, tokenizer_mode
     fresh = list(build_data_loader(train, **kwargs))
     resumed = list(build_data_loader(train, consumed_samples=8, **kwargs))
     assert fresh[0]["tokens"].shape == (2, 16) and len(resumed) == len(fresh) - 2
-    for a, b in zip(fresh[2:], resumed):
+    for a, b in zip(fresh[2:], resumed, strict=True):
         torch.testing.assert_close(a["tokens"], b["tokens"])
     torch.testing.assert_close(fresh[0]["tokens"], torch.stack([train[2]["tokens"], train[3]["tokens"]]))
 
@@ -322,3 +323,93 @@ def test_cli_help_and_package_import_load_neither_torch_nor_megatron():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[2]).stdout
     assert "--output-prefix" in out and out.strip().endswith("[]")
+
+
+# ----------------------------------------------------------------------------------- rewriting and bad bytes
+
+def _cache_entry(folder: Path, key: str, dataset_path: str) -> Path:
+    """A megatron-core cache entry as GPTDataset writes it: a description and an index file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    description = {"class": "GPTDataset", "dataset_path": dataset_path}
+    (folder / f"{key}-description.txt").write_text(json.dumps(description))
+    (folder / f"{key}-document_index.npy").write_bytes(b"stale")
+    return folder / f"{key}-document_index.npy"
+
+
+def test_preprocess_refuses_an_existing_prefix_unless_overwrite(tmp_path, corpus, tokenizer_model):
+    out = tmp_path / "ds"
+    preprocess([corpus], out, tokenizer=tokenizer_model, progress=False)
+    before = Path(f"{out}.bin").read_bytes()
+    with pytest.raises(FileExistsError, match=f"output prefix '{out}' already holds {out}.bin, {out}.idx, "
+                                              f"{out}.meta.json; pass --overwrite"):
+        preprocess([corpus], out, tokenizer=tokenizer_model, progress=False)
+    default_cache = _cache_entry(out / "cache" / "GPTDataset_indices", "a" * 32 + "-GPTDataset-train", str(out))
+    shared = tmp_path / "shared_cache"
+    ours = _cache_entry(shared, "b" * 32 + "-GPTDataset-valid", str(out))
+    theirs = _cache_entry(shared, "c" * 32 + "-GPTDataset-valid", str(tmp_path / "other"))
+    preprocess([corpus], out, tokenizer=tokenizer_model, progress=False, overwrite=True, cache_dir=shared)
+    assert Path(f"{out}.bin").read_bytes() == before
+    assert not default_cache.exists() and not ours.exists()
+    assert not list(shared.glob("b*")) and not list(default_cache.parent.glob("a*"))
+    assert theirs.exists()  # another prefix's entry in the shared cache stays
+
+
+def test_cli_preprocess_into_existing_prefix(tmp_path, corpus, tokenizer_model, capsys):
+    arguments = ["preprocess", "--input", str(corpus), "--tokenizer", str(tokenizer_model), "--output-prefix",
+                 str(tmp_path / "ds"), "--workers", "1", "--quiet"]
+    assert mor_data(arguments) == 0
+    stale = _cache_entry(tmp_path / "ds" / "cache" / "GPTDataset_indices", "d" * 32 + "-GPTDataset-train",
+                         str(tmp_path / "ds"))
+    refused = subprocess.run([sys.executable, "-m", "mor_megatron.cli.data", *arguments], capture_output=True,
+                             text=True, check=False)
+    assert refused.returncode == 2 and refused.stdout == "" and refused.stderr.count("\n") == 1
+    assert f"output prefix '{tmp_path / 'ds'}' already holds" in refused.stderr and "--overwrite" in refused.stderr
+    capsys.readouterr()
+    assert mor_data([*arguments, "--overwrite"]) == 0
+    assert json.loads(capsys.readouterr().out)["num_documents"] > 0
+    assert not stale.exists()
+
+
+@pytest.mark.parametrize(("name", "content", "where"), [
+    ("bad.jsonl", b'{"text": "ok"}\n\n{"text": "caf\xe9"}\n',
+     "bad.jsonl:3: not UTF-8 text (byte 0xe9 at byte offset 29)"),
+    ("bad.txt", b"first\nsecond \xff line\n", "bad.txt:2: not UTF-8 text (byte 0xff at byte offset 13)"),
+], ids=["jsonl", "text"])
+def test_non_utf8_input_names_file_line_and_offset(tmp_path, tokenizer_model, name, content, where):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path}/{where}; re-encode the file as UTF-8")):
+        preprocess([path], tmp_path / "x", tokenizer=tokenizer_model, progress=False)
+    assert not list(tmp_path.glob("x*"))
+
+
+def test_cli_non_utf8_input_exits_2_with_one_line(tmp_path, tokenizer_model):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes('{"text": "ok"}\n{"text": "café"}\n'.encode("latin-1"))
+    result = subprocess.run([sys.executable, "-m", "mor_megatron.cli.data", "preprocess", "--input", str(path),
+                             "--tokenizer", str(tokenizer_model), "--output-prefix", str(tmp_path / "x"),
+                             "--workers", "1", "--quiet"], capture_output=True, text=True, check=False)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == (f"mor-data preprocess: error: {path}:2: not UTF-8 text (byte 0xe9 at byte offset "
+                             "28); re-encode the file as UTF-8, e.g. `iconv -f latin1 -t utf-8`\n")
+
+
+def test_large_bin_token_ids_are_sampled_and_the_message_says_so(tmp_path, prefix, monkeypatch):
+    from mor_megatron.data import index_check
+
+    summary = index_check.check_indexed_dataset(prefix, vocab_size=VOCAB, vocab_source=f"{VOCAB} pieces")
+    assert summary.num_tokens_checked == summary.num_tokens and "every token id checked" in summary.describe()
+    monkeypatch.setattr(index_check, "FULL_SCAN_MAX_BYTES", 1024)
+    monkeypatch.setattr(index_check, "SAMPLE_WINDOW_BYTES", 64)
+    sampled = index_check.check_indexed_dataset(prefix, vocab_size=VOCAB, vocab_source=f"{VOCAB} pieces")
+    assert sampled.num_tokens_checked == index_check.SAMPLE_WINDOWS * 32 < sampled.num_tokens
+    coverage = f"token ids sampled: {sampled.num_tokens_checked:,} of {sampled.num_tokens:,} checked"
+    assert coverage in sampled.describe()
+    copy = tmp_path / "copy"
+    for suffix in (".bin", ".idx"):
+        (tmp_path / f"copy{suffix}").write_bytes(Path(f"{prefix}{suffix}").read_bytes())
+    tokens = np.memmap(f"{copy}.bin", dtype=np.uint16, mode="r+")
+    tokens[-1] = VOCAB  # the last window always covers the end of the file
+    tokens.flush()
+    with pytest.raises(index_check.DamagedDataFile, match=f"in a sample of {sampled.num_tokens_checked:,} of"):
+        index_check.check_indexed_dataset(str(copy), vocab_size=VOCAB, vocab_source=f"{VOCAB} pieces")

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import stat
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -26,7 +28,23 @@ with open(os.environ["CALLS_LOG"], "a") as log:
                           "env": {k: os.environ.get(k) for k in keys}}) + "\\n")
 """
 _SCONTROL = """#!/usr/bin/env bash
-[[ "$1 $2" == "show hostnames" ]] && tr ',' '\\n' <<< "$3"
+if [[ "$1 $2" == "show hostnames" ]]; then tr ',' '\\n' <<< "$3"; exit; fi
+printf '{"tool": "scontrol", "argv": ["%s", "%s"]}\\n' "$1" "$2" >> "$CALLS_LOG"
+"""
+# An srun that trains until a signal arrives, then exits 0 as the tasks do after saving (handlers first, so a
+# signal sent once the call is recorded is never fatal).
+_SRUN_UNTIL_SIGNAL = """#!/usr/bin/env python3
+import json, os, signal, sys, time
+received = []
+for sig in (signal.SIGUSR1, signal.SIGTERM):
+    signal.signal(sig, lambda signum, frame: received.append(signal.Signals(signum).name))
+with open(os.environ["CALLS_LOG"], "a") as log:
+    log.write(json.dumps({"tool": "srun", "argv": sys.argv[1:]}) + "\\n")
+deadline = time.monotonic() + 30
+while not received and time.monotonic() < deadline:
+    time.sleep(0.01)
+with open(os.environ["CALLS_LOG"], "a") as log:
+    log.write(json.dumps({"tool": "srun", "signal": received[0] if received else None}) + "\\n")
 """
 
 
@@ -41,9 +59,13 @@ _SCRIPT_VARIABLES = ("NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "GPUS_
 """Variables the scripts read: the test's own environment must not leak into them."""
 
 
-def _run(args: list[str], env: dict[str, str], cwd: Path = REPO) -> subprocess.CompletedProcess:
+def _script_env(env: dict[str, str]) -> dict[str, str]:
     base = {k: v for k, v in os.environ.items() if k not in _SCRIPT_VARIABLES and not k.startswith("SLURM_")}
-    return subprocess.run(args, env={**base, **env}, cwd=cwd, capture_output=True, text=True, timeout=60,
+    return {**base, **env}
+
+
+def _run(args: list[str], env: dict[str, str], cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run(args, env=_script_env(env), cwd=cwd, capture_output=True, text=True, timeout=60,
                           check=False)
 
 
@@ -153,3 +175,27 @@ def test_slurm_script_refuses_to_run_outside_a_job(tmp_path):
     assert result.returncode == 2
     assert "not inside a Slurm job" in result.stderr
     assert _calls(log) == []
+
+
+@pytest.mark.parametrize("sig,requeued", [(signal.SIGUSR1, True), (signal.SIGTERM, False)],
+                         ids=["time_limit_warning", "preemption"])
+def test_slurm_script_forwards_stop_signals_and_requeues_after_the_time_limit_warning(sig, requeued, tmp_path):
+    log = tmp_path / "calls.jsonl"
+    env = _slurm_env(tmp_path, log)
+    _executable(tmp_path / "bin" / "srun", _SRUN_UNTIL_SIGNAL)
+    script = subprocess.Popen(["bash", str(TOOLS / "slurm_pretrain.sbatch"), "configs/demo.yaml"],
+                              env=_script_env(env), cwd=tmp_path, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not any(call["tool"] == "srun" for call in _calls(log)):
+            assert script.poll() is None and time.monotonic() < deadline, "srun was never started"
+            time.sleep(0.02)
+        script.send_signal(sig)  # what Slurm sends the batch shell (--signal=B:USR1@300, or SIGTERM)
+        _, stderr = script.communicate(timeout=30)
+    finally:
+        script.kill()
+    assert script.returncode == 0, stderr
+    calls = _calls(log)
+    assert {"tool": "srun", "signal": sig.name} in calls  # passed on to the tasks, which save and exit 0
+    assert ({"tool": "scontrol", "argv": ["requeue", "1234"]} in calls) == requeued, calls

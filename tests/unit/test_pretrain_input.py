@@ -8,11 +8,13 @@ about a second instead of after process groups and models are built.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from mor_megatron.pretrain import main
@@ -46,7 +48,9 @@ def _refused(argv: list[str], capsys) -> str:
 
 def test_valid_job_passes_the_check(tiny_data, capsys):
     assert main([*_tiny(tiny_data), "--check"]) == 0
-    assert capsys.readouterr().out.strip() == "mor-pretrain: config and data OK"
+    ok, data = capsys.readouterr().out.splitlines()
+    assert ok == "mor-pretrain: config and data OK"
+    assert data.startswith(f"  {tiny_data.prefix}: ") and data.endswith("tokens, every token id checked")
 
 
 def test_missing_data_prefix(tiny_data, tmp_path, capsys):
@@ -118,3 +122,101 @@ def test_refused_launch_imports_neither_torch_nor_megatron(tiny_data, tmp_path):
                             timeout=60, check=False)
     assert result.stdout.strip() == "2 []", result.stdout + result.stderr
     assert "not found" in result.stderr
+
+
+# ----------------------------------------------------------------------------------- damaged or foreign data
+
+_REMAKE = ("re-make them with `mor-data preprocess --input FILES --tokenizer {tokenizer} "
+           "--output-prefix {prefix} --overwrite`")
+
+
+def _truncate_bin(prefix: Path) -> str:
+    with open(f"{prefix}.bin", "r+b") as stream:
+        stream.truncate(Path(f"{prefix}.bin").stat().st_size - 10)
+    return f"{prefix}.bin has "
+
+
+def _truncate_idx(prefix: Path) -> str:
+    with open(f"{prefix}.idx", "r+b") as stream:
+        stream.truncate(100)
+    return f"{prefix}.idx is truncated: 100 bytes, but its header's "
+
+
+def _corrupt_idx_offsets(prefix: Path) -> str:
+    data = bytearray(Path(f"{prefix}.idx").read_bytes())
+    num_sequences = int.from_bytes(data[18:26], "little")
+    second_offset = 34 + 4 * num_sequences + 8  # the byte offset of sequence 1 in the offsets array
+    data[second_offset:second_offset + 8] = b"\x07" * 8
+    Path(f"{prefix}.idx").write_bytes(bytes(data))
+    return f"{prefix}.idx is corrupted: sequence 1 starts at byte "
+
+
+def _corrupt_idx_magic(prefix: Path) -> str:
+    data = bytearray(Path(f"{prefix}.idx").read_bytes())
+    data[0:4] = b"JUNK"
+    Path(f"{prefix}.idx").write_bytes(bytes(data))
+    return f"{prefix}.idx is not a megatron-core index (it does not start with MMIDIDX)"
+
+
+def _foreign_token_id(prefix: Path) -> str:
+    """As if made by a tokenizer with more pieces, and by a tool that writes no .meta.json."""
+    Path(f"{prefix}.meta.json").unlink()
+    tokens = np.memmap(f"{prefix}.bin", dtype=np.uint16, mode="r+")
+    tokens[1234] = 1000  # the tiny tokenizer has 512 pieces, the tiny model 2048 embedding rows
+    tokens.flush()
+    return (f"{prefix}.bin holds token id 1000 at token 1,234, but data.tokenizer has 512 pieces (every token "
+            "checked): it was tokenized with another vocabulary")
+
+
+_DAMAGES = {"truncated-bin": _truncate_bin, "truncated-idx": _truncate_idx,
+            "corrupted-idx": _corrupt_idx_offsets, "idx-magic": _corrupt_idx_magic,
+            "vocab-mismatch-no-meta": _foreign_token_id}
+
+
+def _damaged_copy(tiny_data, tmp_path: Path, damage: str) -> tuple[Path, str]:
+    prefix = tmp_path / "copy"
+    for suffix in (".bin", ".idx", ".meta.json"):
+        shutil.copy(f"{tiny_data.prefix}{suffix}", f"{prefix}{suffix}")
+    return prefix, _DAMAGES[damage](prefix)
+
+
+@pytest.mark.parametrize("damage", list(_DAMAGES))
+def test_damaged_data_is_refused_naming_the_file_and_the_fix(tiny_data, tmp_path, capsys, damage):
+    prefix, problem = _damaged_copy(tiny_data, tmp_path, damage)
+    message = _refused(_tiny(tiny_data, f"data.blend=[{prefix}]"), capsys)
+    assert message.startswith(f"data.blend prefix '{prefix}': {problem}"), message
+    assert message.endswith(_REMAKE.format(tokenizer=tiny_data.tokenizer, prefix=prefix)), message
+
+
+@pytest.mark.parametrize("damage", ["truncated-bin", "corrupted-idx", "truncated-idx", "vocab-mismatch-no-meta"])
+def test_damaged_data_fails_the_command_in_seconds(tiny_data, tmp_path, damage):
+    prefix, problem = _damaged_copy(tiny_data, tmp_path, damage)
+    argv = _tiny(tiny_data, f"data.blend=[{prefix}]")
+    result = subprocess.run([sys.executable, "-m", "mor_megatron.pretrain", *argv], cwd=REPO,
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.count("\n") == 1 and problem in result.stderr and "--overwrite`" in result.stderr
+
+
+def test_stale_index_cache_is_refused(tiny_data, tmp_path, capsys):
+    prefix, _ = _damaged_copy(tiny_data, tmp_path, "idx-magic")
+    shutil.copy(f"{tiny_data.prefix}.idx", f"{prefix}.idx")  # intact again, written now
+    cache = prefix / "cache" / "GPTDataset_indices"
+    cache.mkdir(parents=True)
+    description = cache / f"{'0' * 32}-GPTDataset-train-description.txt"
+    description.write_text("{}")
+    os.utime(description, (0, 0))  # cached long before the .idx was written
+    message = _refused(_tiny(tiny_data, f"data.blend=[{prefix}]"), capsys)
+    assert message.startswith(f"data.blend prefix '{prefix}' was rewritten after megatron-core cached indices")
+    assert f"`rm {cache}/{'0' * 32}-GPTDataset-train-*`" in message and "--overwrite`" in message
+
+
+def test_malformed_yaml_fails_the_command_with_one_line(tmp_path):
+    config = tmp_path / "job.yaml"
+    config.write_text("preset: tiny-mor-e-r3\ntrain:\n  train_steps: 10\n   seq_length: 64\n")
+    result = subprocess.run([sys.executable, "-m", "mor_megatron.pretrain", "--check", "--config", str(config)],
+                            cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == (f"mor-pretrain: config error: config file '{config}' is not valid YAML: mapping "
+                             "values are not allowed here at line 4, column 14; fix the syntax there "
+                             "(indentation, an unclosed quote or bracket, ': ' in an unquoted value)\n")

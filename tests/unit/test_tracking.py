@@ -72,8 +72,8 @@ class _Recorder(NullSink):
     def log_artifact_text(self, name, text):
         self.events.append((self.name, "artifact", name, text))
 
-    def close(self, *, failed=False):
-        self.events.append((self.name, "close", failed))
+    def close(self, *, status="FINISHED"):
+        self.events.append((self.name, "close", status))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -135,13 +135,14 @@ def test_jsonl_sink_writes_one_flushed_object_per_line_and_appends(tmp_path):
     sink.log_artifact_text("config.yaml", "model: {}\n")
     with pytest.raises(ValueError, match="not MLflow-legal"):
         sink.log_metrics({"mem/peak (GiB)": 1.0}, step=3)
-    sink.close(failed=True)
+    sink.close(status="FAILED")
     JsonlSink(path).close()  # a resumed job appends
+    JsonlSink(path).close(status="KILLED")  # stopped early (SIGTERM, train.exit_interval), to be resumed
     lines = _read_jsonl(path)
-    assert [line["kind"] for line in lines] == ["params", "metrics", "metrics", "end", "end"]
+    assert [line["kind"] for line in lines] == ["params", "metrics", "metrics", "end", "end", "end"]
     assert lines[1]["step"] == 1 and isinstance(lines[1]["time"], float)
     assert math.isnan(lines[2]["metrics"][m.TRAIN_LM_LOSS])
-    assert lines[3]["status"] == "FAILED" and lines[4]["status"] == "FINISHED"
+    assert [line["status"] for line in lines[3:]] == ["FAILED", "FINISHED", "KILLED"]
     assert (tmp_path / "run" / "artifacts" / "config.yaml").read_text() == "model: {}\n"
     with pytest.raises(ValueError, match="relative path"):
         JsonlSink(tmp_path / "other.jsonl").log_artifact_text("../escape.txt", "x")
@@ -154,11 +155,11 @@ def test_fan_out_forwards_in_order_and_closes_in_reverse():
     sink.log_metrics({"x": 1.0}, 5)
     sink.log_params({"p": "1"})
     sink.log_artifact_text("f.txt", "t")
-    sink.close(failed=True)
+    sink.close(status="KILLED")
     assert [(e[0], e[1]) for e in events] == [
         ("a", "metrics"), ("b", "metrics"), ("a", "params"), ("b", "params"),
         ("a", "artifact"), ("b", "artifact"), ("b", "close"), ("a", "close")]
-    assert events[-1] == ("a", "close", True)
+    assert events[-1] == ("a", "close", "KILLED")
 
 
 def test_tracking_uri_precedence_and_params_flattening(tmp_path, monkeypatch):
@@ -179,8 +180,10 @@ def test_disabled_tracking_keeps_jsonl_on_the_logging_rank_only(tmp_path):
     assert run_id is None and isinstance(sink, JsonlSink)
     sink.log_metrics({m.TRAIN_LM_LOSS: 1.0}, 1)
     sink.close()
-    params, metrics, end = _read_jsonl(tmp_path / "metrics.jsonl")
+    run, params, metrics, end = _read_jsonl(tmp_path / "metrics.jsonl")
+    assert run["kind"] == "run" and run["run_id"] is None and run["start_step"] == 0
     assert params["params"]["model.hidden_size"] == "64" and "runtime.torch" in params["params"]
+    assert params["params"]["runtime.git_dirty"] in ("true", "false", "unknown")
     assert metrics["metrics"] == {m.TRAIN_LM_LOSS: 1.0} and end["kind"] == "end"
     assert "hidden_size: 64" in (tmp_path / "artifacts" / "config.yaml").read_text()
     other, run_id = start_tracking(cfg, run_dir=tmp_path, config_dict=_CONFIG, resume_run_id="abc",
@@ -215,13 +218,14 @@ def test_start_tracking_creates_then_resumes_one_run_with_node_system_metrics(tm
                                   is_logging_rank=True, system_metrics_interval_s=0.2)
     sink.log_metrics({m.TRAIN_LM_LOSS: 2.0}, 1)
     time.sleep(0.5)
-    sink.close()
+    sink.close(status="KILLED")  # preempted: the run waits for its resume
     client = MlflowClient(sqlite_uri)
     run = client.get_run(run_id)
-    assert run.info.status == "FINISHED" and run.info.run_name == "unit"
+    assert run.info.status == "KILLED" and run.info.run_name == "unit"
     assert run.data.params["model.hidden_size"] == "64" and run.data.params["runtime.world_size"] == "1"
     assert "system/node0/cpu_utilization_percentage" in run.data.metrics
-    assert [a.path for a in client.list_artifacts(run_id)] == ["config.yaml"]
+    assert [a.path for a in client.list_artifacts(run_id)] == ["config.yaml", "metrics.jsonl"]
+    assert run.data.tags["mlflow.source.type"] == "JOB" and run.data.tags["mor.git_dirty"] in ("true", "false")
 
     changed = {**_CONFIG, "output_dir": "runs/y"}
     sink, resumed_id = start_tracking(cfg, run_dir=tmp_path, config_dict=changed, resume_run_id=run_id,

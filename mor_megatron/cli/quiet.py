@@ -1,0 +1,46 @@
+"""Known third-party noise, silenced in one place: each entry point calls :func:`silence_known_warnings` first.
+
+Every process of a launch used to print ~16 lines that say nothing actionable: megatron-core's notes that
+Apex / Transformer Engine are absent (it then uses torch's kernels, which is what a CPU run or an apex-less GPU
+container wants), a deprecation of a megatron default we never set, and its rerun state machine announcing
+that it is disabled. Only these exact messages are filtered; every other warning still shows.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+# (message regex, module regex) of UserWarnings that megatron-core emits at import or config time.
+_KNOWN_WARNINGS = (
+    (r"Apex is not installed\. Falling back to Torch Norm", r"megatron\.core"),
+    (r"Transformer Engine and Apex are not installed", r"megatron\.core"),
+    (r"full scope is deprecated\. Use empty cuda_graph_scope", r"megatron\.core"),  # TransformerConfig default
+)
+# megatron-core log records (logger name, message prefix) that only announce its defaults.
+_KNOWN_LOG_RECORDS = (
+    ("megatron.core.rerun_state_machine", "RerunStateMachine initialized in mode RerunMode.DISABLED"),
+    ("megatron.core.rerun_state_machine", "Implicit initialization of Rerun State Machine!"),
+)
+
+
+class _DropKnownRecords(logging.Filter):
+    def __init__(self, prefixes: tuple[str, ...]):
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefixes)
+
+
+def silence_known_warnings() -> None:
+    """Filter the known messages in this process (idempotent; call before importing megatron-core)."""
+    for message, module in _KNOWN_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=UserWarning, module=module)
+    by_logger: dict[str, tuple[str, ...]] = {}
+    for name, prefix in _KNOWN_LOG_RECORDS:
+        by_logger[name] = (*by_logger.get(name, ()), prefix)
+    for name, prefixes in by_logger.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropKnownRecords) for f in logger.filters):
+            logger.addFilter(_DropKnownRecords(prefixes))
