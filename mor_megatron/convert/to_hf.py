@@ -22,7 +22,8 @@ import torch
 from mor_megatron.config import JobConfig, layer_layout
 from mor_megatron.convert import ConversionError
 from mor_megatron.convert.hf_keys import AttentionShape, megatron_to_hf
-from mor_megatron.convert.megatron_ckpt import MegatronCheckpoint, read_checkpoint
+from mor_megatron.convert.megatron_ckpt import MegatronCheckpoint, read_checkpoint, resolve_step_dir
+from mor_megatron.convert.output_guard import refuse_output_overlapping_checkpoint
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -155,13 +156,19 @@ def write_safetensors(tensors: dict[str, torch.Tensor], output_dir: Path,
     return sorted(split.filename_to_tensors)
 
 
-def _prepare_output(output_dir: Path, overwrite: bool) -> None:
-    if output_dir.exists() and any(output_dir.iterdir()):
-        if not overwrite:
-            raise ConversionError(f"output folder {str(output_dir)!r} is not empty; choose a new folder or "
-                                  "pass --overwrite")
+def _check_output(output_dir: Path, step_dir: Path, overwrite: bool) -> None:
+    """Before anything is read: the output is outside the checkpoint's folders, and empty or replaceable."""
+    refuse_output_overlapping_checkpoint(output_dir, step_dir)
+    if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
+        raise ConversionError(f"output folder {str(output_dir)!r} is not empty; choose a new folder or "
+                              "pass --overwrite")
+
+
+def _prepare_output(output_dir: Path) -> None:
+    """Replace ``output_dir`` by an empty folder (only after the checkpoint was read and checked)."""
+    if output_dir.exists():
         shutil.rmtree(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    output_dir.mkdir(parents=True)
 
 
 def _resolve_tokenizer(checkpoint: MegatronCheckpoint, tokenizer: str | Path | None) -> Path:
@@ -187,10 +194,14 @@ def to_hf(checkpoint: str | Path, output_dir: str | Path, *, tokenizer: str | Pa
 
     Raises:
         ConversionError: missing or partial shards, tensors that do not match the stored config, a
-            tokenizer that does not fit, or a non-empty output folder.
+            tokenizer that does not fit, a non-empty output folder (without ``overwrite``), or an output
+            folder that is, contains or lies inside the checkpoint or its save_dir, or is or contains its
+            run folder.
     """
     output_dir = Path(output_dir)
-    ckpt = read_checkpoint(checkpoint)
+    step_dir = resolve_step_dir(checkpoint)
+    _check_output(output_dir, step_dir, overwrite)
+    ckpt = read_checkpoint(step_dir)
     check_tensors(ckpt.tensors, ckpt.config, f"checkpoint {str(ckpt.path)!r}")
     if dtype is not None and dtype not in DTYPES:
         raise ConversionError(f"dtype={dtype!r} is not one of {list(DTYPES)}")
@@ -200,14 +211,13 @@ def to_hf(checkpoint: str | Path, output_dir: str | Path, *, tokenizer: str | Pa
     # depth_bias stays fp32 (as trained): its small loss-free steps would round away in bf16.
     hf_tensors = {name: t if name.endswith("depth_bias") else t.to(target_dtype)
                   for name, t in hf_tensors.items()}
-    _prepare_output(output_dir, overwrite)
+    _prepare_output(output_dir)
     config = hf_config(ckpt.config, target_dtype)
     config.save_pretrained(str(output_dir))
     if not is_vanilla(ckpt.config):
-        from mor_megatron.inference.hf import MODELING_FILES, source_dir
+        from mor_megatron.inference.hf import copy_modeling_files
 
-        for name in MODELING_FILES:
-            shutil.copyfile(source_dir() / name, output_dir / name)
+        copy_modeling_files(output_dir)
     files = write_safetensors(hf_tensors, output_dir, max_shard_size)
     from transformers import GenerationConfig
 

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mor_megatron.inference.hf.modeling_mor import rotary_cos_sin
 from mor_megatron.inference.kv_buffers import StaticKV
+from mor_megatron.model.recursion import apply_rotary, rotary_cos_sin
 
 
 @dataclass(frozen=True)
@@ -133,13 +133,6 @@ class ModelStack:
         return rotary_cos_sin(positions[:, None], self.head_dim, self.rope_theta, self.dtype)
 
 
-def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """``x`` ``[n, heads, 1, d]`` rotated by ``cos/sin`` ``[n, 1, d]`` (halves layout, as modeling_mor)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos[:, None] + rotated * sin[:, None]
-
-
 def apply_layer(stack: ModelStack, layer: nn.Module, x: Tensor, cos: Tensor, sin: Tensor, kv: StaticKV,
                 slots: Tensor, depths: Tensor, write_rows: Tensor | None) -> Tensor:
     """One decoder layer on ``n`` tokens of ``n`` distinct slots; ``x`` ``[n, h]`` -> ``[n, h]``.
@@ -156,7 +149,7 @@ def apply_layer(stack: ModelStack, layer: nn.Module, x: Tensor, cos: Tensor, sin
     n = x.shape[0]
     attn = layer.self_attn
     normed = layer.input_layernorm(x)
-    query = _rotate(attn.q_proj(normed).view(n, 1, stack.num_heads, stack.head_dim).transpose(1, 2), cos, sin)
+    query = apply_rotary(attn.q_proj(normed).view(n, 1, stack.num_heads, stack.head_dim).transpose(1, 2), cos, sin)
     if write_rows is None:
         writer, w_cos, w_sin, w_slots, w_depths = normed, cos, sin, slots, depths
     else:
@@ -166,7 +159,7 @@ def apply_layer(stack: ModelStack, layer: nn.Module, x: Tensor, cos: Tensor, sin
         m = writer.shape[0]
         key = attn.k_proj(writer).view(m, 1, stack.num_kv_heads, stack.head_dim).transpose(1, 2)
         value = attn.v_proj(writer).view(m, stack.num_kv_heads, stack.head_dim)
-        kv.append(w_slots, w_depths, _rotate(key, w_cos, w_sin)[:, :, 0], value)
+        kv.append(w_slots, w_depths, apply_rotary(key, w_cos, w_sin)[:, :, 0], value)
     keys, values, valid = kv.gather(slots, depths)  # [n, L, kv_heads, d], [n, L]
     repeat = stack.num_heads // stack.num_kv_heads
     keys = keys.transpose(1, 2).repeat_interleave(repeat, dim=1)

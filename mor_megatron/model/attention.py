@@ -25,7 +25,7 @@ from torch import Tensor
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.enums import AttnMaskType
 
-from mor_megatron.model.active_tokens import ActiveTokens
+from mor_megatron.model.recursion import ActiveTokens
 
 
 @dataclass

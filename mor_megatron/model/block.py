@@ -27,7 +27,7 @@ from megatron.core.transformer.utils import sharded_state_dict_default
 from megatron.core.utils import WrappedTensor, get_pg_rank, get_pg_size, make_viewless_tensor
 
 from mor_megatron.config import LayerLayout, RecursionConfig
-from mor_megatron.model.active_tokens import ActiveTokens
+from mor_megatron.model.recursion import ActiveTokens, expert_choice_update, token_choice_update
 from mor_megatron.model.attention import KVShareSession, MoRSelfAttention
 from mor_megatron.model.aux_loss import attach_aux_loss
 from mor_megatron.model.pipeline_packing import PipelinePacking
@@ -230,13 +230,11 @@ class MoRBlock(TransformerBlock):
 
         if token_choice is not None:
             first_hidden, depth, token_gate = token_choice
-            exits_here = (active.gather_rows(depth) == recursion_idx).t()[..., None]  # [k, b, 1]
-            gate_k = active.gather_rows(token_gate).t()[..., None]
-            start = first_hidden if is_full else active.gather(first_hidden)
-            # Official-code semantics: an exiting token gets H^1 + g * f(H^r); others carry f(H^r) on.
-            y = torch.where(exits_here, start + gate_k * y, y)
+            y = token_choice_update(y, exits=(active.gather_rows(depth) == recursion_idx).t(),
+                                    first_hidden=first_hidden if is_full else active.gather(first_hidden),
+                                    gate=active.gather_rows(token_gate).t())
         elif gate is not None:
-            y = x + gate[..., None] * y
+            y = expert_choice_update(x, gate, y)
         return y if is_full else active.scatter(hidden, y)
 
     # ---------------------------------------------------------------------------------------- pipeline chunks
@@ -336,12 +334,12 @@ class MoRBlock(TransformerBlock):
     def _end_recursion(self, r: int, state: dict[str, Tensor], active: ActiveTokens) -> None:
         """Last rank: gate the block output of the active tokens and write them into the residual stream."""
         y = active.gather(state["work"])
+        gate = active.gather_rows(state["gate"]).t()
         if self.recursion.routing == "token_choice":
-            exits_here = (active.gather_rows(state["depth"]) == r).t()[..., None]
-            gate = active.gather_rows(state["gate"]).t()[..., None]
-            new = torch.where(exits_here, active.gather(state["first"]) + gate * y, y)
+            new = token_choice_update(y, exits=(active.gather_rows(state["depth"]) == r).t(),
+                                      first_hidden=active.gather(state["first"]), gate=gate)
         else:
-            new = active.gather(state["hidden"]) + active.gather_rows(state["gate"]).t()[..., None] * y
+            new = expert_choice_update(active.gather(state["hidden"]), gate, y)
         state["hidden"] = active.scatter(state["hidden"], new)
 
     @contextmanager

@@ -6,7 +6,7 @@ hands the same inputs to ``torch.nn.functional.scaled_dot_product_attention`` in
 flash or memory-efficient kernels on GPU (the causal case never builds a mask) and to torch's CPU kernels
 elsewhere, so CPU tests run the same code as GPU training.
 
-The masks it receives (``mor_megatron.model.active_tokens``): None for causal attention among the compacted
+The masks it receives (``mor_megatron.model.recursion.ActiveTokens``): None for causal attention among the compacted
 tokens (padding of shorter rows sits after every real token, so causality alone keeps it out of real queries);
 a ``[b, 1, sq, sk]`` bool mask (True = masked) for KV sharing (compacted queries over all keys) and for
 document masks. Grouped-query attention is native (``enable_gqa``); nothing is repeated in memory.

@@ -12,6 +12,9 @@ it is causal by construction. Balancing uses the Switch loss ``R * sum_i f_i P_i
 
 Routers are replicated across tensor-parallel ranks: their input is the replicated residual stream, so every TP
 rank computes the same logits and makes the same decision.
+
+This module holds the router parameters, their fp32 logits and the auxiliary losses; the selection, gate and
+combine rules are :mod:`mor_megatron.model.recursion`'s, shared with the Hugging Face export and the engine.
 """
 
 from __future__ import annotations
@@ -23,7 +26,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mor_megatron.model.active_tokens import ActiveTokens
+from mor_megatron.model.recursion import (
+    ActiveTokens,
+    expert_gate,
+    threshold_decision,
+    token_choice_depth,
+    top_k_counts,
+    top_k_decision,
+)
 
 RoutingMode = Literal["topk", "causal"]
 
@@ -102,19 +112,16 @@ class ExpertChoiceRouter(nn.Module):
                       if candidates is None else candidates.index)
         capacity = self.capacities[recursion_idx]
         if mode == "topk":
-            k = min(max(1, int(capacity * seq_length)), logits.shape[0])
-            chosen_slots = torch.topk(logits.t(), k, dim=1).indices  # [b, k], slots into the candidates
-            chosen_slots = torch.sort(chosen_slots, dim=1).values  # keep causal (original) order
-            selected = torch.zeros_like(logits.t(), dtype=torch.bool).scatter_(1, chosen_slots, True)
-            active = ActiveTokens(index=torch.gather(cand_index, 1, chosen_slots), valid=None,
-                                  seq_length=seq_length)
+            available = (torch.full((batch,), logits.shape[0], device=hidden.device) if cand_valid is None
+                         else cand_valid.sum(dim=1))
+            counts = top_k_counts(capacity, torch.full((batch,), seq_length, device=hidden.device), available)
+            selected = top_k_decision(logits.t(), cand_valid, counts)
         else:
-            selected = torch.ones_like(logits.t(), dtype=torch.bool) if capacity >= 1.0 else (logits.t() >= 0.0)
+            selected = threshold_decision(logits.t(), capacity)
             if cand_valid is not None:
                 selected = selected & cand_valid
-            chosen_slots, active = _compact_selection(selected, cand_index, seq_length)
-        gate_logits = torch.gather(logits.t(), 1, chosen_slots).t()  # [k, b]
-        gate = (self.alpha * torch.sigmoid(gate_logits)).to(hidden.dtype)
+        chosen_slots, active = _compact_selection(selected, cand_index, seq_length)
+        gate = expert_gate(torch.gather(logits.t(), 1, chosen_slots).t(), self.alpha, hidden.dtype)  # [k, b]
         if active.valid is not None:
             gate = gate * active.valid.t().to(gate.dtype)
 
@@ -185,10 +192,9 @@ class TokenChoiceRouter(nn.Module):
         """
         # fp32 for the same reason as ExpertChoiceRouter.logits: the argmax must not depend on bf16 rounding.
         logits = F.linear(hidden.float() / self.temperature, self.weight.float()).transpose(0, 1)  # [b, s, R]
-        probs = torch.softmax(logits, dim=-1)
-        scores = probs + self.depth_bias if self.balancing == "loss_free" else probs
-        depth = torch.argmax(scores, dim=-1)
-        gate = (self.alpha * torch.gather(probs, -1, depth[..., None]).squeeze(-1)).to(hidden.dtype)
+        depth, gate, probs = token_choice_depth(logits, self.alpha,
+                                                self.depth_bias if self.balancing == "loss_free" else None,
+                                                hidden.dtype)
         tokens_per_depth = F.one_hot(depth, self.num_recursions).to(torch.float32).sum(dim=(0, 1))
         if self.balancing == "loss_free" and torch.is_grad_enabled():
             # Counted only in grad-enabled passes, so evaluation and recompute do not move the bias.

@@ -294,7 +294,7 @@ def test_tp2_matches_tp1_and_checkpoint_reshards_to_tp1(layouts):
 def test_ddp_distributed_optimizer_dp2_matches_dp1(layouts):
     rank0, rank1 = (rank_result["dp"] for rank_result in layouts)
     assert rank0 == rank1, "data-parallel ranks disagree on the reduced loss or grad norm"
-    for (loss_dp2, norm_dp2), (loss_dp1, norm_dp1) in zip(rank0["dp2"], rank0["dp1"]):
+    for (loss_dp2, norm_dp2), (loss_dp1, norm_dp1) in zip(rank0["dp2"], rank0["dp1"], strict=True):
         assert loss_dp2 == pytest.approx(loss_dp1, abs=1e-5)
         assert norm_dp2 == pytest.approx(norm_dp1, abs=1e-5)
     (first_loss, _), (second_loss, _) = rank0["dp2"]

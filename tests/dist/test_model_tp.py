@@ -35,7 +35,7 @@ def _save(model, path: Path, *, grads: bool) -> None:
         path.mkdir(parents=True, exist_ok=True)
         dist_checkpointing.save(model.sharded_state_dict(), str(path))
     finally:
-        for p, data in zip(params, backup):
+        for p, data in zip(params, backup, strict=True):
             p.data = data
 
 

@@ -71,7 +71,7 @@ def test_bf16_training_follows_fp32_and_logs_cuda_memory_and_mfu(tiny_data, tmp_
     bf16 = _train(tiny_data, tmp_path / "bf16", "train.precision=bf16", "checkpoint.save_dir=null")
     losses = {name: [run[s]["train/lm_loss"] for s in range(1, STEPS + 1)] for name, run in
               (("fp32", fp32), ("bf16", bf16))}
-    assert max(abs(a - b) for a, b in zip(losses["fp32"], losses["bf16"])) <= 0.05, losses
+    assert max(abs(a - b) for a, b in zip(losses["fp32"], losses["bf16"], strict=True)) <= 0.05, losses
     assert losses["bf16"][-1] < losses["bf16"][0], "bf16 training did not learn"
     last = bf16[STEPS]
     assert 0 < last["mem/peak_allocated_gib"] <= last["mem/peak_reserved_gib"]

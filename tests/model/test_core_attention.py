@@ -13,7 +13,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from mor_megatron.model.active_tokens import ActiveTokens
+from mor_megatron.model.recursion import ActiveTokens
 from mor_megatron.model.attention import KVShareSession
 from mor_megatron.model.core_attention import SDPAttention
 

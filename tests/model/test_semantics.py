@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mor_megatron.model.active_tokens import ActiveTokens
+from mor_megatron.model.recursion import ActiveTokens
 from mor_megatron.model.attention import MoRSelfAttention
 from mor_megatron.model.routing import ExpertChoiceRouter
 

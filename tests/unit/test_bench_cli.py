@@ -42,8 +42,8 @@ def test_train_prints_time_memory_and_ratios():
         for key in ("step_s", "step_cpu_s", "tokens_per_s", "peak_mib", "resident_mib", "step_peak_mib",
                     "final_loss", "parameters"):
             assert values[f"{model}_{key}"] > 0, f"{model}_{key}"
-        assert values[f"{model}_peak_mib"] == pytest.approx(
-            values[f"{model}_resident_mib"] + values[f"{model}_step_peak_mib"])
+        # Resident: at least the fp32 weights and AdamW's two moments, counted from the parameter total.
+        assert values[f"{model}_resident_mib"] * 2**20 >= 3 * 4 * values[f"{model}_parameters"]
     for key in ("time_ratio", "cpu_time_ratio", "memory_ratio", "flops_ratio"):
         assert values[key] > 0, key
     # Same unrolled depth, fewer unique layers: MoR holds fewer parameters and runs fewer FLOPs per token.

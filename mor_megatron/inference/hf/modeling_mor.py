@@ -1,7 +1,8 @@
 """Hugging Face modeling code of an exported Mixture-of-Recursions (MoR) model, recursion-wise KV caching.
 
-Copied into every exported MoR folder and loaded with ``trust_remote_code=True``; it imports only torch and
-transformers. It computes exactly what ``mor_megatron.model.MoRGPTModel`` computes with
+Copied into every exported MoR folder, beside ``recursion.py`` (``mor_megatron.model.recursion``: the routing,
+combine and compaction rules training uses), and loaded with ``trust_remote_code=True``; it imports only torch,
+transformers and those two files. It computes exactly what ``mor_megatron.model.MoRGPTModel`` computes with
 ``routing_mode="causal"`` (and, for a prefill, with ``routing_mode="topk"``):
 
 * Llama layers (RMSNorm, SwiGLU, RoPE, grouped-query attention); a shared layer is one module applied R times.
@@ -37,6 +38,15 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_mor import MoRConfig
 
+try:  # an exported folder carries recursion.py beside this file
+    from .recursion import (ActiveTokens, apply_rotary, expert_choice_update, expert_gate, rotary_cos_sin,
+                            threshold_decision, token_choice_depth, token_choice_update, top_k_counts,
+                            top_k_decision)
+except ImportError:  # inside the mor_megatron package
+    from mor_megatron.model.recursion import (ActiveTokens, apply_rotary, expert_choice_update, expert_gate,
+                                              rotary_cos_sin, threshold_decision, token_choice_depth,
+                                              token_choice_update, top_k_counts, top_k_decision)
+
 RoutingMode = Literal["causal", "topk"]
 
 CACHE_FIELD: str = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
@@ -57,48 +67,8 @@ def _given_cache(cache: MoRCache | None, past_key_values: MoRCache | None) -> Mo
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Active tokens and the recursion-wise KV cache
+# The recursion-wise KV cache
 # ------------------------------------------------------------------------------------------------------------
-
-@dataclass
-class TokenSet:
-    """Tokens of the current input chunk that take part in one layer application, compacted per row.
-
-    Attributes:
-        index: ``[b, k]`` chunk positions, ascending per row; padded slots (``valid`` False) hold 0.
-        valid: ``[b, k]`` bool, False on the padding at the end of shorter rows.
-    """
-
-    index: Tensor
-    valid: Tensor
-
-    @classmethod
-    def from_mask(cls, mask: Tensor) -> TokenSet:
-        """Compact a ``[b, s]`` bool mask (True = takes part), keeping the original order."""
-        counts = mask.sum(dim=1)
-        k = int(counts.max()) if mask.numel() else 0
-        order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices[:, :k]
-        valid = torch.arange(k, device=mask.device)[None, :] < counts[:, None]
-        return cls(index=torch.where(valid, order, torch.zeros_like(order)), valid=valid)
-
-    @property
-    def counts(self) -> Tensor:
-        """``[b]`` real tokens per row."""
-        return self.valid.sum(dim=1)
-
-    def gather(self, values: Tensor) -> Tensor:
-        """``[b, s, ...]`` -> ``[b, k, ...]``."""
-        index = self.index.view(*self.index.shape, *([1] * (values.dim() - 2)))
-        return torch.gather(values, 1, index.expand(-1, -1, *values.shape[2:]))
-
-    def scatter(self, hidden: Tensor, update: Tensor) -> Tensor:
-        """Write ``update`` ``[b, k, h]`` into a copy of ``hidden`` ``[b, s, h]``; padded slots drop out."""
-        batch, seq_length, width = hidden.shape
-        padded = torch.cat([hidden, hidden.new_zeros(batch, 1, width)], dim=1)
-        index = torch.where(self.valid, self.index, torch.full_like(self.index, seq_length))
-        written = padded.scatter(1, index[..., None].expand(-1, -1, width), update.to(hidden.dtype))
-        return written[:, :seq_length]
-
 
 class KVSlot:
     """Keys and values of one unrolled layer position, stored per batch row without padding.
@@ -219,23 +189,6 @@ class MoRRMSNorm(nn.Module):
         return self.weight * hidden.to(dtype)
 
 
-def rotary_cos_sin(positions: Tensor, head_dim: int, theta: float,
-                   dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """RoPE tables ``cos, sin`` ``[b, k, head_dim]`` for integer ``positions`` ``[b, k]`` (halves layout)."""
-    exponents = torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim
-    inv_freq = 1.0 / (theta ** exponents)
-    freqs = positions[..., None].float() * inv_freq
-    emb = torch.cat([freqs, freqs], dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def _apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """``x`` ``[b, heads, k, d]`` rotated by ``cos/sin`` ``[b, k, d]``."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos[:, None] + rotated * sin[:, None]
-
-
 class MoRAttention(nn.Module):
     """Grouped-query self-attention over the K/V stored in one cache slot."""
 
@@ -262,11 +215,11 @@ class MoRAttention(nn.Module):
         """
         batch, k, _ = x.shape
         query = self.q_proj(x).view(batch, k, self.num_heads, self.head_dim).transpose(1, 2)
-        query = _apply_rotary(query, cos, sin)
+        query = apply_rotary(query, cos, sin)
         if append_counts is not None:
             key = self.k_proj(x).view(batch, k, self.num_kv_heads, self.head_dim).transpose(1, 2)
             value = self.v_proj(x).view(batch, k, self.num_kv_heads, self.head_dim).transpose(1, 2)
-            slot.append(_apply_rotary(key, cos, sin), value, append_counts)
+            slot.append(apply_rotary(key, cos, sin), value, append_counts)
         keys, values = slot.padded()
         repeat = self.num_heads // self.num_kv_heads
         keys, values = keys.repeat_interleave(repeat, dim=1), values.repeat_interleave(repeat, dim=1)
@@ -451,12 +404,12 @@ class MoRModel(MoRPreTrainedModel):
         """Run prefix or suffix layers on every real token; ``[b, s, h]`` -> ``[b, s, h]``."""
         if not len(layer_ids):
             return hidden
-        tokens = TokenSet.from_mask(chunk.real)
+        tokens = ActiveTokens.from_mask(chunk.real, min_slots=0)
         slots = [first_slot + i for i in range(len(layer_ids))]
-        return tokens.scatter(hidden, self._run_layers(list(layer_ids), slots, tokens.gather(hidden), tokens,
-                                                       chunk, reuse_kv=False))
+        return tokens.scatter_rows(hidden, self._run_layers(list(layer_ids), slots, tokens.gather_rows(hidden),
+                                                            tokens, chunk, reuse_kv=False))
 
-    def _run_layers(self, layer_ids: list[int], slot_ids: list[int], x: Tensor, tokens: TokenSet,
+    def _run_layers(self, layer_ids: list[int], slot_ids: list[int], x: Tensor, tokens: ActiveTokens,
                     chunk: _Chunk, reuse_kv: bool) -> Tensor:
         """Apply unique layers ``layer_ids`` to the compacted tokens ``x`` ``[b, k, h]``, slot by slot.
 
@@ -466,17 +419,17 @@ class MoRModel(MoRPreTrainedModel):
         ``chunk.real_rank``.
         """
         cfg = self.config
-        cos, sin = rotary_cos_sin(tokens.gather(chunk.positions), cfg.head_dim, cfg.rope_theta, x.dtype)
+        cos, sin = rotary_cos_sin(tokens.gather_rows(chunk.positions), cfg.head_dim, cfg.rope_theta, x.dtype)
         batch, k = tokens.index.shape
         for idx, slot_id in zip(layer_ids, slot_ids):
             slot = chunk.cache.slot(slot_id)
             stored = slot.lengths(batch, x.device)
             if reuse_kv:
-                limit = (stored - chunk.real.sum(dim=1))[:, None] + tokens.gather(chunk.real_rank)
+                limit = (stored - chunk.real.sum(dim=1))[:, None] + tokens.gather_rows(chunk.real_rank)
                 x = self.layers[idx](x, cos, sin, slot, limit, None)
             else:
                 limit = stored[:, None] + torch.arange(k, device=x.device)[None, :]
-                x = self.layers[idx](x, cos, sin, slot, limit, tokens.counts)
+                x = self.layers[idx](x, cos, sin, slot, limit, tokens.counts())
         return x
 
     def _run_recursions(self, hidden: Tensor, chunk: _Chunk, routing_mode: RoutingMode
@@ -485,10 +438,8 @@ class MoRModel(MoRPreTrainedModel):
         cfg = self.config
         depth = token_gate = first_hidden = None
         if cfg.routing == "token_choice":
-            probs = torch.softmax(self.router.logits(hidden), dim=-1)  # [b, s, R]
-            scores = probs + self.router.depth_bias if cfg.token_balancing == "loss_free" else probs
-            depth = scores.argmax(dim=-1)
-            token_gate = (cfg.router_alpha * probs.gather(-1, depth[..., None]).squeeze(-1)).to(hidden.dtype)
+            bias = self.router.depth_bias if cfg.token_balancing == "loss_free" else None
+            depth, token_gate, _ = token_choice_depth(self.router.logits(hidden), cfg.router_alpha, bias, hidden.dtype)
             first_hidden = hidden
         selected, masks = chunk.real, []
         for r in range(cfg.num_recursions):
@@ -496,43 +447,38 @@ class MoRModel(MoRPreTrainedModel):
             if cfg.routing == "expert_choice":
                 logits = self.router.logits(hidden, r)
                 selected = _select(logits, selected, chunk.real, cfg.capacities[r], routing_mode)
-                gate = (cfg.router_alpha * torch.sigmoid(logits)).to(hidden.dtype)
+                gate = expert_gate(logits, cfg.router_alpha, hidden.dtype)
             elif cfg.routing == "token_choice":
                 selected = chunk.real & (depth >= r)
             masks.append(selected)
-            tokens = TokenSet.from_mask(selected)
-            if tokens.index.shape[1] == 0:
+            tokens = ActiveTokens.from_mask(selected, min_slots=0)
+            if tokens.num_slots == 0:
                 continue
-            x = tokens.gather(hidden)
+            x = tokens.gather_rows(hidden)
             reuse_kv = cfg.kv_mode == "shared" and r > 0
             first_slot = cfg.num_prefix_layers + (0 if reuse_kv else r * cfg.num_shared_layers)
             slots = [first_slot + j for j in range(cfg.num_shared_layers)]
             y = self._run_layers(cfg.recursion_layers(r), slots, x, tokens, chunk, reuse_kv)
             if gate is not None:
-                y = x + tokens.gather(gate)[..., None] * y
+                y = expert_choice_update(x, tokens.gather_rows(gate), y)
             elif depth is not None:
-                exits = tokens.gather(depth == r)[..., None]
-                exited = tokens.gather(first_hidden) + tokens.gather(token_gate)[..., None] * y
-                y = torch.where(exits, exited, y)
-            hidden = tokens.scatter(hidden, y)
+                y = token_choice_update(y, exits=tokens.gather_rows(depth == r),
+                                        first_hidden=tokens.gather_rows(first_hidden),
+                                        gate=tokens.gather_rows(token_gate))
+            hidden = tokens.scatter_rows(hidden, y)
         return hidden, masks
 
 
 def _select(logits: Tensor, candidates: Tensor, real: Tensor, capacity: float, mode: RoutingMode) -> Tensor:
     """Expert-choice selection ``[b, s]`` among ``candidates`` from router logits ``[b, s]``.
 
-    `causal`: every candidate at capacity >= 1.0, else the candidates with ``logit >= 0``. `topk`: per row the
-    ``min(max(1, int(capacity * n)), #candidates)`` candidates with the largest logits, ``n`` the row's real
-    tokens (training routing; ``mor_megatron.model.routing.ExpertChoiceRouter``).
+    `causal`: :func:`threshold_decision`. `topk`: training routing, per row the top
+    ``min(max(1, int(capacity * n)), #candidates)`` candidates, ``n`` the row's real tokens.
     """
     if mode == "causal":
-        return candidates if capacity >= 1.0 else candidates & (logits >= 0.0)
-    selected = torch.zeros_like(candidates)
-    for row in range(candidates.shape[0]):
-        cand = candidates[row].nonzero().squeeze(-1)
-        k = min(max(1, int(capacity * int(real[row].sum()))), cand.numel())
-        selected[row, cand[torch.topk(logits[row, cand], k).indices]] = True
-    return selected
+        return candidates & threshold_decision(logits, capacity)
+    counts = top_k_counts(capacity, real.sum(dim=1), candidates.sum(dim=1))
+    return candidates & top_k_decision(logits, candidates, counts)
 
 
 class MoRForCausalLM(MoRPreTrainedModel, GenerationMixin):
