@@ -5,8 +5,11 @@ sequences resident at once. A free slot is refilled from the request queue as so
 (EOS or length): the new prompt is prefilled by the model's own full-sequence forward (``MoRForCausalLM``
 with its ``MoRCache``, or ``LlamaForCausalLM`` with a ``DynamicCache``), whose K/V are copied into the slot's
 static buffers (:mod:`mor_megatron.inference.kv_buffers`) and whose last logits give the first new token.
-Decoding is greedy (argmax; no sampling, no beam search), so an engine's output for a prompt equals
-``model.generate(prompt, do_sample=False, max_new_tokens=..., eos_token_id=...)``.
+Each request picks its tokens by its own :class:`~mor_megatron.inference.sampling.SamplingParams` (greedy by
+default; temperature, top-k, top-p with a per-request seed; stop sequences). Greedy decoding is the argmax, so
+an engine's output for a prompt equals ``model.generate(prompt, do_sample=False, max_new_tokens=...,
+eos_token_id=...)``; a sampled request draws from its own generator, so its tokens do not depend on the
+requests it shares batches with.
 
 **Sequence-wise batching** (:class:`SequenceWiseEngine`, vanilla and routing-`none` models): every step
 feeds the newest token of every active slot through all unrolled layers, norm and LM head.
@@ -54,15 +57,25 @@ from torch import Tensor, nn
 
 from mor_megatron.inference.hf.modeling_mor import output_cache
 from mor_megatron.inference.kv_buffers import KVBuffers
+from mor_megatron.inference.sampling import GREEDY, SamplingParams, matched_stop, next_token
 from mor_megatron.inference.stack import ModelStack, apply_layer
+from mor_megatron.model.recursion import (
+    expert_choice_update,
+    expert_gate,
+    threshold_decision,
+    token_choice_depth,
+    token_choice_update,
+)
 
 
 @dataclass(frozen=True)
 class Request:
-    """One generation request: prompt token ids (at least one) and how many tokens to generate at most."""
+    """One generation request: prompt token ids (at least one), how many tokens to generate at most, and how
+    to pick them."""
 
     prompt: tuple[int, ...]
     max_new_tokens: int
+    sampling: SamplingParams = GREEDY
 
 
 @dataclass
@@ -71,8 +84,8 @@ class Completion:
 
     Attributes:
         request_index: position of the request in the list given to :meth:`run`.
-        tokens: generated ids, the EOS included when it ended the sequence.
-        finish_reason: `eos` or `length`.
+        tokens: generated ids, the EOS included when it ended the sequence, a matched stop sequence not.
+        finish_reason: `eos`, `stop` (a stop sequence of the request's sampling parameters) or `length`.
         token_depths: recursions run by each token whose K/V were cached: the prompt, then ``tokens[:-1]``.
         kv_lengths: the slot's shared-block KV entries per stored depth when the sequence finished (one
             value under KV sharing, where only depth 0 is stored).
@@ -81,7 +94,7 @@ class Completion:
     request_index: int
     prompt: list[int]
     tokens: list[int]
-    finish_reason: Literal["eos", "length"]
+    finish_reason: Literal["eos", "stop", "length"]
     token_depths: list[int]
     kv_lengths: tuple[int, ...]
 
@@ -132,8 +145,13 @@ class _Sequence:
 
     request_index: int
     request: Request
+    generator: torch.Generator | None
     tokens: list[int] = field(default_factory=list)
     token_depths: list[int] = field(default_factory=list)
+
+    def next_token(self, logits: Tensor) -> int:
+        """This sequence's choice from one position's logits ``[V]``."""
+        return next_token(logits, self.request.sampling, self.generator)
 
 
 class _Engine(abc.ABC):
@@ -195,7 +213,8 @@ class _Engine(abc.ABC):
                 index, request = self.queue.popleft()
                 self.stats.refills += self._used[slot]
                 self._used[slot] = True
-                sequence = _Sequence(request_index=index, request=request)
+                sequence = _Sequence(request_index=index, request=request,
+                                     generator=request.sampling.generator(self.stack.device))
                 self.slots[slot] = sequence
                 if self._accept(slot, self._prefill(slot, sequence)):
                     ready.append(slot)
@@ -218,7 +237,7 @@ class _Engine(abc.ABC):
         self.position[slot] = len(prompt)
         self.stats.prefills += 1
         self.stats.prefill_s += time.perf_counter() - start
-        return int(out.logits[0, -1].argmax())
+        return sequence.next_token(out.logits[0, -1])
 
     def _accept(self, slot: int, token: int) -> bool:
         """Record ``slot``'s new ``token``; finish the sequence (free the slot) on EOS or length.
@@ -228,12 +247,14 @@ class _Engine(abc.ABC):
         sequence = self.slots[slot]
         sequence.tokens.append(token)
         self.stats.generated_tokens += 1
-        reason = ("eos" if token == self.eos_token_id
+        stop = matched_stop(sequence.tokens, sequence.request.sampling)
+        reason = ("eos" if token == self.eos_token_id else "stop" if stop is not None
                   else "length" if len(sequence.tokens) >= sequence.request.max_new_tokens else None)
         if reason is None:
             return True
+        tokens = sequence.tokens[:len(sequence.tokens) - len(stop)] if stop is not None else sequence.tokens
         self._done.append(Completion(request_index=sequence.request_index,
-                                     prompt=list(sequence.request.prompt), tokens=sequence.tokens,
+                                     prompt=list(sequence.request.prompt), tokens=tokens,
                                      finish_reason=reason,
                                      token_depths=sequence.token_depths,
                                      kv_lengths=self.buffers.depth_lengths(slot)))
@@ -242,8 +263,8 @@ class _Engine(abc.ABC):
         return False
 
     def _finish_tokens(self, slots: list[int], hidden: Tensor) -> list[int]:
-        """Suffix layers, final norm, LM head and argmax for the newest tokens of ``slots``; returns the slots
-        whose new token must be fed (the others finished)."""
+        """Suffix layers, final norm, LM head and each sequence's token choice for the newest tokens of
+        ``slots``; returns the slots whose new token must be fed (the others finished)."""
         stack = self.stack
         index = torch.tensor(slots, dtype=torch.long, device=stack.device)
         cos, sin = stack.rope(self.position[index])
@@ -251,7 +272,11 @@ class _Engine(abc.ABC):
         for site, layer_id in enumerate(stack.suffix_layers):
             hidden = apply_layer(stack, stack.layers[layer_id], hidden, cos, sin,
                                  self.buffers.suffix[site], index, zeros, None)
-        next_tokens = stack.lm_head(stack.norm(hidden)).argmax(dim=-1).tolist()
+        logits = stack.lm_head(stack.norm(hidden))
+        next_tokens = logits.argmax(dim=-1).tolist()  # every greedy sequence's choice, in one call
+        for row, slot in enumerate(slots):
+            if not self.slots[slot].request.sampling.greedy:
+                next_tokens[row] = self.slots[slot].next_token(logits[row])
         self.position[index] += 1
         return [slot for slot, token in zip(slots, next_tokens) if self._accept(slot, token)]
 
@@ -372,12 +397,9 @@ class DepthWiseEngine(_Engine):
         if stack.routing == "expert_choice":
             runs = self._expert_decision(index, hidden, torch.zeros_like(index))
         elif stack.routing == "token_choice":
-            probs = torch.softmax(stack.router.logits(hidden), dim=-1)  # [n, R]
-            scores = probs + stack.router.depth_bias if stack.token_balancing == "loss_free" else probs
-            target = scores.argmax(dim=-1)
-            self.target[index] = target
-            gate = stack.router_alpha * probs.gather(-1, target[:, None]).squeeze(-1)
-            self.gate[index] = gate.to(stack.dtype)
+            bias = stack.router.depth_bias if stack.token_balancing == "loss_free" else None
+            self.target[index], self.gate[index], _ = token_choice_depth(stack.router.logits(hidden),
+                                                                         stack.router_alpha, bias, stack.dtype)
             self.first_hidden[index] = hidden
         self._place(slots, runs.tolist())
 
@@ -385,8 +407,8 @@ class DepthWiseEngine(_Engine):
         """Whether each token runs recursion ``depth`` ``[n]`` (< R); stores its gate. ``[n]`` bool out."""
         stack = self.stack
         logits = stack.router.logits(hidden).gather(-1, depth[:, None]).squeeze(-1)  # fp32 [n]
-        self.gate[index] = (stack.router_alpha * torch.sigmoid(logits)).to(stack.dtype)
-        return (self.capacities[depth] >= 1.0) | (logits >= 0.0)
+        self.gate[index] = expert_gate(logits, stack.router_alpha, stack.dtype)
+        return threshold_decision(logits, self.capacities[depth])
 
     def _place(self, slots: list[int], runs: list[bool]) -> None:
         for slot, run in zip(slots, runs):
@@ -412,13 +434,13 @@ class DepthWiseEngine(_Engine):
         following = depth + 1
         runs = following < stack.num_recursions
         if stack.routing == "expert_choice":
-            hidden = hidden + self.gate[index][:, None] * out
+            hidden = expert_choice_update(hidden, self.gate[index], out)
             last = stack.num_recursions - 1
             runs = runs & self._expert_decision(index, hidden, following.clamp(max=last))
         elif stack.routing == "token_choice":
             last = depth == self.target[index]
-            exited = self.first_hidden[index] + self.gate[index][:, None] * out
-            hidden = torch.where(last[:, None], exited, out)
+            hidden = token_choice_update(out, exits=last, first_hidden=self.first_hidden[index],
+                                         gate=self.gate[index])
             runs = ~last
         else:
             hidden = out

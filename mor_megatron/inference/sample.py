@@ -2,8 +2,8 @@
 
 ``python -m mor_megatron.inference.sample --run-dir runs/demo --prompt "def main("`` loads the newest
 checkpoint of a run on one CPU process and continues the prompt, greedily or (``--temperature``, ``--top-k``,
-``--seed``) by seeded sampling: a small, briefly trained model decodes greedily into a loop of its most frequent
-tokens, while samples show what it learned. Each new token re-runs the whole sequence (no KV cache): this is a
+``--top-p``, ``--seed``) by seeded sampling: a small, briefly trained model decodes greedily into a loop of its
+most frequent tokens, while samples show what it learned. Each new token re-runs the whole sequence (no KV cache): this is a
 check of what a checkpoint learned, not a serving path.
 """
 
@@ -15,23 +15,15 @@ from pathlib import Path
 
 import torch
 
-
-def next_token(logits: torch.Tensor, *, temperature: float, top_k: int | None,
-               generator: torch.Generator | None) -> int:
-    """The next token id from ``[V]`` logits: argmax at temperature 0, else a draw from the top-k softmax."""
-    if temperature == 0:
-        return int(logits.argmax())
-    if top_k is not None:
-        logits = logits.masked_fill(logits < logits.topk(min(top_k, logits.numel())).values[-1], float("-inf"))
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+from mor_megatron.inference.sampling import SamplingParams, next_token
+from mor_megatron.cli.quiet import silence_known_warnings
 
 
 def generate(model, tokenizer, prompt: str, *, max_new_tokens: int, max_seq_length: int,
-             temperature: float = 0.0, top_k: int | None = None, seed: int = 0) -> str:
-    """Continuation of ``prompt`` using causal routing (greedy at temperature 0); returns prompt + continuation."""
+             sampling: SamplingParams) -> str:
+    """Continuation of ``prompt`` using causal routing; returns prompt + continuation."""
     ids = tokenizer.tokenize(prompt)
-    generator = torch.Generator().manual_seed(seed)
+    generator = sampling.generator(torch.device("cpu"))
     model.eval()
     with torch.no_grad():
         for _ in range(max_new_tokens):
@@ -39,7 +31,7 @@ def generate(model, tokenizer, prompt: str, *, max_new_tokens: int, max_seq_leng
             tokens = torch.tensor([window])
             positions = torch.arange(len(window))[None]
             logits = model(tokens, positions, None, routing_mode="causal")
-            next_id = next_token(logits[0, -1], temperature=temperature, top_k=top_k, generator=generator)
+            next_id = next_token(logits[0, -1], sampling, generator)
             if next_id == tokenizer.eod:
                 break
             ids.append(next_id)
@@ -47,16 +39,20 @@ def generate(model, tokenizer, prompt: str, *, max_new_tokens: int, max_seq_leng
 
 
 def main(argv: list[str] | None = None) -> int:
+    silence_known_warnings()
     parser = argparse.ArgumentParser(prog="mor-sample", description=__doc__.splitlines()[0])
     parser.add_argument("--run-dir", required=True, help="output_dir of a training run (holds config.yaml)")
     parser.add_argument("--prompt", action="append", required=True, help="prompt text; repeat for several")
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
     parser.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0: off)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (same seed, same text)")
     args = parser.parse_args(argv)
-    if args.temperature < 0 or (args.top_k is not None and args.top_k < 1):
-        parser.error("--temperature must be >= 0 and --top-k >= 1")
+    try:
+        sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    except ValueError as err:
+        parser.error(str(err))
 
     from mor_megatron.config import ParallelConfig, load_config
     from mor_megatron.data.tokenizer import load_tokenizer
@@ -75,16 +71,15 @@ def main(argv: list[str] | None = None) -> int:
                             transformer_config(config.model, config.recursion, ParallelConfig()),
                             pg_collection=ctx.pg_collection)
         checkpointer = Checkpointer(save_dir=None, load_dir=config.checkpoint.load_dir or config.checkpoint.save_dir,
-                                    keep_last=1, ctx=ctx)
+                                    keep_last=1, ctx=ctx, fallback_to_previous=config.checkpoint.fallback_to_previous)
         loop = checkpointer.load(model_chunks=[model], optimizer=None, scheduler=None)
         tokenizer = load_tokenizer(config.data.tokenizer)
-        decoding = ("greedy" if args.temperature == 0 else
-                    f"temperature {args.temperature}, top-k {args.top_k or 'all'}, seed {args.seed}")
+        decoding = ("greedy" if sampling.greedy else f"temperature {args.temperature}, top-k "
+                    f"{args.top_k or 'all'}, top-p {args.top_p}, seed {args.seed}")
         print(f"# checkpoint step {loop.step}, causal routing, {decoding}")
         for prompt in args.prompt:
             text = generate(model, tokenizer, prompt, max_new_tokens=args.max_new_tokens,
-                            max_seq_length=config.seq_length, temperature=args.temperature, top_k=args.top_k,
-                            seed=args.seed)
+                            max_seq_length=config.seq_length, sampling=sampling)
             print(f"--- prompt: {prompt!r}\n{text}\n")
     finally:
         destroy_distributed()

@@ -8,7 +8,6 @@ an EOS id that some prompt really generates, so refills, early finishes and leng
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -16,9 +15,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from mor_megatron.bench import infer_compare
 from mor_megatron.inference.engine import DepthWiseEngine, Request, SequenceWiseEngine
-from mor_megatron.inference.hf import AUTO_MAP, MODELING_FILES, source_dir
+from mor_megatron.inference.hf import AUTO_MAP, copy_modeling_files
 from mor_megatron.inference.hf.configuration_mor import MoRConfig
 from mor_megatron.inference.hf.modeling_mor import MoRForCausalLM
+from mor_megatron.inference.sampling import SamplingParams
 
 VOCAB = 96
 PAD = 3
@@ -99,6 +99,31 @@ def test_depth_wise_engine_matches_generate(routing, kv_mode):
     assert min(fed) < 3 and max(fed) == 3, f"routing does not vary: decode depths {fed}"
 
 
+def test_sampled_requests_repeat_under_their_seed_whatever_shares_the_batch():
+    model = _mor("expert_choice")
+    requests = [Request(prompt=r.prompt, max_new_tokens=r.max_new_tokens,
+                        sampling=SamplingParams(temperature=1.0, top_k=40, top_p=0.95, seed=i))
+                for i, r in enumerate(_requests())]
+    together = DepthWiseEngine(model, num_slots=3, max_batch=2, max_len=16, eos_token_id=None).run(requests)
+    alone = [DepthWiseEngine(model, num_slots=1, max_batch=1, max_len=16, eos_token_id=None).run([r])
+             .completions[0].tokens for r in requests]
+    assert [c.tokens for c in together.completions] == alone
+    greedy = DepthWiseEngine(model, num_slots=3, max_batch=2, max_len=16, eos_token_id=None).run(_requests())
+    assert [c.tokens for c in together.completions] != [c.tokens for c in greedy.completions]
+
+
+def test_a_stop_sequence_ends_the_request_and_is_not_returned():
+    model = _mor("token_choice")
+    request = _requests()[1]
+    expected = _generate(model, request, None)
+    stop = tuple(expected[1:3])
+    engine = DepthWiseEngine(model, num_slots=2, max_batch=2, max_len=16, eos_token_id=None)
+    (completion,) = engine.run([Request(prompt=request.prompt, max_new_tokens=request.max_new_tokens,
+                                        sampling=SamplingParams(stop=(stop,)))]).completions
+    end = next(n for n in range(2, len(expected) + 1) if tuple(expected[n - 2:n]) == stop)  # first match
+    assert completion.finish_reason == "stop" and completion.tokens == expected[:end - 2]
+
+
 def test_kv_buffer_lengths_follow_the_routing_decisions():
     model = _mor("expert_choice")
     engine = DepthWiseEngine(model, num_slots=2, max_batch=2, max_len=16, eos_token_id=None)
@@ -164,8 +189,7 @@ def test_infer_bench_loads_exported_folders(tmp_path, capsys):
     mor.config.auto_map = dict(AUTO_MAP)
     mor.save_pretrained(tmp_path / "mor")
     vanilla.save_pretrained(tmp_path / "vanilla")
-    for name in MODELING_FILES:
-        shutil.copy(source_dir() / name, tmp_path / "mor" / name)
+    copy_modeling_files(tmp_path / "mor")
     status = infer_compare.main(["--mor-dir", str(tmp_path / "mor"),
                                  "--vanilla-dir", str(tmp_path / "vanilla"), "--num-requests", "3",
                                  "--prompt-max", "4", "--gen-mean", "4",
