@@ -64,6 +64,21 @@ def launcher_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
 
 
+def run_job(prog: str, config, ctx, engine_factory) -> int:
+    """:func:`run_training`; returns the exit status: 2 with one line (rank 0) when the checkpoint refuses the
+    resume (locked save_dir, damaged checkpoint, changed model config), which only a person can resolve."""
+    from mor_megatron.training.checkpoint import CheckpointError
+    from mor_megatron.training.resume_config import ConfigChangedOnResume
+
+    try:
+        run_training(config, ctx, engine_factory)
+    except (CheckpointError, ConfigChangedOnResume) as err:
+        if ctx.rank == 0:
+            print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def run_training(config, ctx, engine_factory) -> None:
     """Build and run the shared training loop with ``engine_factory``; always close tracking and the engine."""
     from mor_megatron.training.trainer import Trainer
@@ -109,10 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     ctx = init_distributed(config.parallel, seed=config.train.seed,
                            virtual_pipeline_size=virtual_pipeline_size(config.recursion, config.parallel))
     try:
-        run_training(config, ctx, MegatronEngine)
+        return run_job("mor-pretrain", config, ctx, MegatronEngine)
     finally:
         destroy_distributed()
-    return 0
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import sys
 from mor_megatron.cli.quiet import silence_known_warnings
 from mor_megatron.config import ConfigError, validate
 from mor_megatron.pretrain import (build_parser, config_from_command_line, launcher_world_size, parse_command_line,
-                                   print_check_report, print_config, run_training)
+                                   print_check_report, print_config, run_job)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -57,10 +57,9 @@ def main(argv: list[str] | None = None) -> int:
 
     ctx = init_distributed(config.parallel, seed=config.train.seed)
     try:
-        run_training(config, ctx, DeepSpeedEngine)
+        return run_job("mor-pretrain-deepspeed", config, ctx, DeepSpeedEngine)
     finally:
         destroy_distributed()
-    return 0
 
 
 if __name__ == "__main__":

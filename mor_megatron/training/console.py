@@ -54,14 +54,16 @@ def startup_banner(cfg: JobConfig, facts: RunFacts) -> str:
     """Multi-line banner: model, layer layout, parameters, FLOPs, parallel layout, where things go."""
     layout = layer_layout(cfg.model, cfg.recursion)
     rec = cfg.recursion
-    capacities = ", ".join(f"{c:g}" for c in rec.capacities) if rec.capacities else "all tokens"
+    routing = rec.routing
+    if rec.routing == "expert_choice":  # training top-k keeps these fractions of the sequence per recursion
+        routing += ", capacities " + ", ".join(f"{c:.3g}" for c in rec.effective_capacities)
     stages = " + ".join(f"{n:,}" for n in facts.params_per_stage)
     lines = [
         f"model: {cfg.preset or 'custom (no preset)'} | hidden {cfg.model.hidden_size} | heads "
         f"{cfg.model.num_attention_heads} | vocab {cfg.model.vocab_size} | seq {cfg.seq_length}",
         f"layers: {layout.num_unrolled_layers} unrolled = {layout.num_prefix} prefix + {layout.num_shared} "
         f"shared x {layout.num_recursions} recursions ({layout.sharing}) + {layout.num_suffix} suffix; routing "
-        f"{rec.routing}, capacities {capacities}, kv {rec.kv_mode}",
+        f"{routing}, kv {rec.kv_mode}",
         f"parameters: {facts.total_params:,} (per TP rank; pipeline stages {stages}; a tied embedding counted "
         "once)",
         f"training FLOPs per token: {facts.flops_per_token:.4g} (with LM head)",

@@ -174,10 +174,12 @@ def test_an_incomplete_step_is_refused(outcomes):
 
 
 def test_torch_checkpoint_exceptions_become_checkpoint_errors(outcomes):
-    _, results = outcomes
+    root, results = outcomes
     for result in results:
+        # megatron-core 0.16 fails on the shard's tensors, 0.19 already on the common state it keeps in shards
         outcome = result["truncated_without_checksums"]
-        assert outcome.startswith("CheckpointError: checkpoint "), outcome
+        assert outcome.startswith("CheckpointError: "), outcome
+        assert f"checkpoint {root / 'ckpt' / 'step_00000002'}" in outcome, outcome
 
 
 def test_a_model_config_change_on_resume_is_refused_unless_allowed(outcomes):
