@@ -66,12 +66,12 @@ def arm_forked_children() -> None:
     _installed = True
 
 
-def _armed_write_results_queue():
-    """megatron's ``_get_write_results_queue``, with a manager server that dies with this process."""
+def _armed_write_results_queue(mp_mode: str = "spawn"):
+    """megatron's write-results queue getter, with a manager server that dies with this process."""
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     if filesystem_async._results_queue is None:
-        manager = SyncManager(ctx=multiprocessing.get_context("spawn"))  # spawn, as megatron's own
+        manager = SyncManager(ctx=multiprocessing.get_context(mp_mode))  # spawn by default, as megatron's own
         manager.start(initializer=die_with_parent, initargs=(os.getpid(),))
         filesystem_async._results_queue = manager.Queue()
     return filesystem_async._results_queue
@@ -84,6 +84,8 @@ def arm_checkpoint_helpers() -> None:
     arm_forked_children()
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
-    # Checked, not assumed: a megatron-core without this helper starts no manager to arm.
-    if hasattr(filesystem_async, "_get_write_results_queue"):
-        filesystem_async._get_write_results_queue = _armed_write_results_queue
+    # Checked, not assumed: 0.16 names the getter _get_write_results_queue, 0.19 get_write_results_queue (its
+    # writers are threads, the manager server remains); a megatron-core with neither starts no manager to arm.
+    for name in ("_get_write_results_queue", "get_write_results_queue"):
+        if hasattr(filesystem_async, name):
+            setattr(filesystem_async, name, _armed_write_results_queue)
