@@ -1,9 +1,11 @@
 """Known third-party noise, silenced in one place: each entry point calls :func:`silence_known_warnings` first.
 
 Every process of a launch used to print ~16 lines that say nothing actionable: megatron-core's notes that
-Apex / Transformer Engine are absent (it then uses torch's kernels, which is what a CPU run or an apex-less GPU
-container wants), a deprecation of a megatron default we never set, and its rerun state machine announcing
-that it is disabled. Only these exact messages are filtered; every other warning still shows.
+Apex / Transformer Engine / absl are absent (it then uses torch's kernels and the standard logging, which is
+what a CPU run or an apex-less GPU container wants), a deprecation of a megatron default we never set, its
+rank guess in a lone process, its rerun state machine announcing that it is disabled, and torch's note that a
+CUDA build finds no CUDA runtime (CPU machines with the CUDA wheel). Only these exact messages are filtered;
+every other warning still shows.
 """
 
 from __future__ import annotations
@@ -15,12 +17,15 @@ import warnings
 _KNOWN_WARNINGS = (
     (r"Apex is not installed\. Falling back to Torch Norm", r"megatron\.core"),
     (r"Transformer Engine and Apex are not installed", r"megatron\.core"),
-    (r"full scope is deprecated\. Use empty cuda_graph_scope", r"megatron\.core"),  # TransformerConfig default
+    (r"full scope is deprecated\.", r"megatron\.core"),  # TransformerConfig's own default (0.16 and 0.19 wording)
+    (r"absl\.logging is not installed", r"megatron\.core"),  # 0.19
+    (r"Could not determine rank from torch\.distributed", r"megatron\.core"),  # 0.19, a lone process
 )
-# megatron-core log records (logger name, message prefix) that only announce its defaults.
+# Log records (logger name, message prefix) that only announce defaults or the machine.
 _KNOWN_LOG_RECORDS = (
     ("megatron.core.rerun_state_machine", "RerunStateMachine initialized in mode RerunMode.DISABLED"),
     ("megatron.core.rerun_state_machine", "Implicit initialization of Rerun State Machine!"),
+    ("torch.utils.cpp_extension", "No CUDA runtime is found"),
 )
 
 
