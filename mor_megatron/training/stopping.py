@@ -72,14 +72,15 @@ class LauncherWatch:
 
 
 AgreeMax = Callable[[list[float]], list[float]]
-"""Element-wise maximum of a list of flags over every rank of the job (a collective)."""
+"""Element-wise maximum of a list of values (stop flags, step times) over every rank of the job (a collective)."""
 
 
 def world_max(device: torch.device) -> AgreeMax:
     """:data:`AgreeMax` over the default process group, as one all-reduce on ``device``."""
 
     def agree(flags: list[float]) -> list[float]:
-        tensor = torch.tensor(flags, dtype=torch.float32, device=device)
+        # float64: the trainer also agrees on step times with it, which float32 would round
+        tensor = torch.tensor(flags, dtype=torch.float64, device=device)
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
         return tensor.tolist()
 

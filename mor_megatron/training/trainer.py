@@ -122,13 +122,14 @@ class Trainer:
     def train(self) -> LoopState:
         """Run until ``train.train_steps``; evaluates, logs and checkpoints on their intervals."""
         cfg, tcfg = self.config, self.config.train
-        stop = StopConditions(tcfg, agree_max=world_max(self.ctx.device), signals=self.exit_signals,
+        agree_max = world_max(self.ctx.device)
+        stop = StopConditions(tcfg, agree_max=agree_max, signals=self.exit_signals,
                               launcher=self.launcher, started_s=self.started_s)
         batches = self._batches(self.train_ds, self.loop.consumed_samples)
         while self.loop.step < tcfg.train_steps:
             start = time.perf_counter()
             step_metrics = self.engine.train_step(batches)
-            elapsed = self._max_over_world(time.perf_counter() - start)  # one step time for the whole job
+            (elapsed,) = agree_max([time.perf_counter() - start])  # one step time for the whole job
             self.loop.step += 1
             self.loop.consumed_samples += tcfg.global_batch_size
             self.loop.train_time_s += elapsed
@@ -220,11 +221,6 @@ class Trainer:
         dist.all_reduce(tensor, group=group)
         tensor /= dist.get_world_size(group)
         return dict(zip(keys, tensor.tolist()))
-
-    def _max_over_world(self, value: float) -> float:
-        tensor = torch.tensor([value], dtype=torch.float64, device=self.ctx.device)
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-        return float(tensor[0])
 
     def _emit(self, values: dict[str, float]) -> None:
         if M.VAL_LOSS in values:  # every evaluation passes through here; the summary reports best and last
