@@ -681,9 +681,6 @@ def validate(config: JobConfig, world_size: int | None = None) -> None:
                  f"the shared block has {layout.num_shared} layers, which parallel.pipeline_parallel_size={pp} "
                  "cannot split evenly (each pipeline rank holds one slice of it); change model.num_layers or the "
                  "pipeline size")
-        _require(rec.kv_mode != "shared",
-                 "recursion.kv_mode='shared' is not supported with pipeline parallelism yet; use 'recursion_wise' "
-                 "or parallel.pipeline_parallel_size=1")
     _require(config.seq_length <= model.max_seq_length,
              f"train.seq_length={config.seq_length} exceeds model.max_seq_length={model.max_seq_length}")
     _require(config.optim.warmup_steps < train.train_steps,

@@ -1,9 +1,7 @@
-"""Self-attention with recursive KV sharing (MoR's `shared` KV mode).
+"""Self-attention with recursive KV sharing (MoR's `shared` KV mode, :mod:`mor_megatron.model.kv_share`).
 
-In KV-sharing mode every token passes the first recursion, whose layers record their keys and values; later
-recursions compute queries only for their active tokens and attend over the recorded keys and values of the
-whole sequence (paper section 2.2.2). Everything else is megatron-core's ``SelfAttention`` unchanged: with no
-share session attached, this module behaves exactly like its parent.
+Everything else is megatron-core's ``SelfAttention`` unchanged: with no share session attached, this module
+behaves exactly like its parent.
 
 The compacted queries of a reused recursion attend over all keys with ``key_pos <= query_pos``. Instead of a
 dense ``[b, 1, k, s]`` mask, they are spread back to their original positions (zeros elsewhere) around the core
@@ -12,37 +10,20 @@ flash kernels apply (torch's SDPA and Transformer Engine alike, with the spec's 
 memory is O(s) instead of O(k * s).
 
 The recursion block attaches a :class:`KVShareSession` to each shared layer's attention for the duration of a
-forward pass; megatron's ``TransformerLayer.forward`` signature has no slot for it.
+forward call; megatron's ``TransformerLayer.forward`` signature has no slot for it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from torch import Tensor
 
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.enums import AttnMaskType
 
+from mor_megatron.model.kv_share import KVShareSession
 from mor_megatron.model.recursion import ActiveTokens
-
-
-@dataclass
-class KVShareSession:
-    """Per-forward state of one attention module under KV sharing.
-
-    ``mode`` is `record` during the first recursion (store K/V of all tokens, before RoPE) and `reuse`
-    afterwards (replace K/V by the stored ones). Keys are stored un-rotated so RoPE is applied at attention
-    time with the full sequence's positions. ``queries`` are the active tokens of a `reuse` recursion that runs
-    on compacted tokens (None when every token takes part).
-    """
-
-    mode: Literal["record", "reuse"] = "record"
-    key: Tensor | None = None
-    value: Tensor | None = None
-    queries: ActiveTokens | None = None
-    reuse_count: int = field(default=0)
 
 
 class MoRSelfAttention(SelfAttention):

@@ -6,9 +6,10 @@ layer is one module applied R times, never R modules with tied tensors). The exe
 ``TransformerBlock`` (same modules, same state-dict keys ``layers.<i>.*``), which is what makes the vanilla
 baseline come out of the same code.
 
-The forward keeps per-recursion work in :meth:`MoRBlock._run_recursion` so that a pipeline layout can run
-recursion r (a virtual stage) on its own; everything a later stage needs (the residual stream, which tokens
-are active, their gates) is in the loop state.
+The forward is one loop over recursions on a typed :class:`RecursionState`; a pipeline layout runs one
+recursion (a virtual stage) per call on its slice of the shared block, with the state packed only at the
+stage boundaries. The recursion rules themselves (selection, gates, combine, compaction) are
+:mod:`mor_megatron.model.recursion`, shared with the Hugging Face export and the serving engine.
 """
 
 from __future__ import annotations
@@ -27,10 +28,11 @@ from megatron.core.transformer.utils import sharded_state_dict_default
 from megatron.core.utils import WrappedTensor, get_pg_rank, get_pg_size, make_viewless_tensor
 
 from mor_megatron.config import LayerLayout, RecursionConfig
-from mor_megatron.model.recursion import ActiveTokens, expert_choice_update, token_choice_update
-from mor_megatron.model.attention import KVShareSession, MoRSelfAttention
+from mor_megatron.model.attention import MoRSelfAttention
 from mor_megatron.model.aux_loss import attach_aux_loss
-from mor_megatron.model.pipeline_packing import PipelinePacking
+from mor_megatron.model.kv_share import KVShareSession, SharedKV
+from mor_megatron.model.recursion import ActiveTokens, expert_choice_update, token_choice_update
+from mor_megatron.model.recursion_state import PipelinePacking, RecursionState
 from mor_megatron.model.router_stats import RouterStats
 from mor_megatron.model.routing import ExpertChoiceRouter, RoutingMode, TokenChoiceRouter
 
@@ -59,6 +61,9 @@ class MoRBlock(TransformerBlock):
         self.packing: PipelinePacking | None = None
         """Stage-boundary layout; set by the builder when the model is pipeline-parallel."""
         self.router_stats = RouterStats()
+        self.shared_kv = (SharedKV(recursion.num_recursions - 1, detach=self.pp_size > 1)
+                          if recursion.kv_mode == "shared" else None)
+        """First-recursion K/V between the recursions of a micro-batch (kv_mode `shared`)."""
 
     def _build_layers(self) -> None:
         """Build the unique layers this pipeline rank holds (all of them without pipeline parallelism)."""
@@ -126,13 +131,19 @@ class MoRBlock(TransformerBlock):
                 inference_params=None) -> Tensor:
         """Run the decoder on ``hidden_states`` ``[s, b, h]`` and return ``[s, b, h]``.
 
+        The forward is the loop over recursions; without pipeline parallelism it runs every recursion in one
+        call, with it one recursion (a virtual pipeline stage) on this rank's slice of the shared block, the
+        loop state entering and leaving packed (:class:`PipelinePacking`). The first rank decides each
+        recursion's tokens (and runs the prefix layers and token-choice depth assignment), every rank runs its
+        slice on the active tokens, the last rank gates and combines and, after the last recursion, runs the
+        suffix layers and the final norm.
+
         Args:
             attention_mask: None for causal attention, or a ``[b, 1, s, s]`` bool mask (True = masked),
                 e.g. for document masking; it is restricted to the active tokens at each recursion.
             rotary_pos_emb: RoPE frequencies ``[s, 1, 1, d]`` from GPTModel.
             routing_mode: `topk` (training routing) or `causal` (threshold routing, what serving runs).
-            recursion_chunk: with pipeline parallelism, the recursion (virtual pipeline stage) to run on this
-                rank's slice; the input and output are then packed stage tensors (:class:`PipelinePacking`).
+            recursion_chunk: with pipeline parallelism, the recursion to run on this rank's slice.
         """
         if inference_context is not None or inference_params is not None or packed_seq_params is not None:
             raise NotImplementedError("MoRBlock runs full sequences; for KV-cached generation use "
@@ -142,215 +153,134 @@ class MoRBlock(TransformerBlock):
         if self.pp_size > 1:
             if recursion_chunk is None:
                 raise ValueError("with pipeline parallelism, MoRBlock runs one recursion chunk per call")
-            first_chunk = self.pre_process and recursion_chunk == 0
-            stage_input = hidden_states if first_chunk else self.input_tensor
-            return self._forward_chunk(recursion_chunk, stage_input, attention_mask, rotary_pos_emb, routing_mode)
-        if not self.pre_process:
-            hidden_states = self.input_tensor
-        hidden = make_viewless_tensor(inp=hidden_states, requires_grad=True, keep_graph=True)
-        full = dict(attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb)
+            if self.packing is None:
+                raise RuntimeError("MoRBlock.packing is not set; build the model with pipeline_seq_length")
+            chunks = [recursion_chunk]
+        else:
+            chunks = list(range(self.recursion.num_recursions))
+            if self.shared_kv is not None:
+                self.shared_kv.clear()
 
-        for idx in range(self.layout.num_prefix):
-            hidden, _ = self._layer(idx)(hidden_states=hidden, **full)
-
-        hidden, aux_loss = self._run_recursions(hidden, attention_mask, rotary_pos_emb, routing_mode)
-
-        first_suffix = self.layout.num_prefix + self.layout.num_shared
-        for idx in range(first_suffix, first_suffix + self.layout.num_suffix):
-            hidden, _ = self._layer(idx)(hidden_states=hidden, **full)
-
-        hidden = attach_aux_loss(hidden, aux_loss, self.aux_loss_scale)
-        if self.final_layernorm is not None:
-            hidden = self.final_layernorm(hidden)
-        return make_viewless_tensor(inp=hidden, requires_grad=True, keep_graph=True)
-
-    def _run_recursions(self, hidden: Tensor, attention_mask: Tensor | None, rotary_pos_emb: Tensor | None,
-                        routing_mode: RoutingMode) -> tuple[Tensor, Tensor | None]:
-        """Apply the shared block R times according to the routing; returns (hidden, summed aux loss)."""
-        rec = self.recursion
-        seq_length, batch = hidden.shape[0], hidden.shape[1]
         aux_losses: list[Tensor] = []
-        every_token = ActiveTokens(index=torch.arange(seq_length, device=hidden.device).expand(batch, -1),
-                                   valid=None, seq_length=seq_length)
-        token_choice = None
-        if isinstance(self.router, TokenChoiceRouter):
-            depth, gate, aux, stats = self.router.assign(hidden)
-            token_choice = (hidden, depth, gate)
-            self.router_stats.add_all(stats)
-            if aux is not None:
-                aux_losses.append(aux)
-
-        candidates: ActiveTokens | None = None
+        if self.pre_process and chunks[0] == 0:
+            state = self._start(hidden_states, attention_mask, rotary_pos_emb, aux_losses)
+        else:
+            state = self.packing.unpack(self.input_tensor)
+        recording = None
         with self._kv_share_sessions() as sessions:
-            for r in range(rec.num_recursions):
-                if isinstance(self.router, ExpertChoiceRouter):
-                    decision = self.router.route(r, hidden, candidates, seq_length, routing_mode)
-                    active, gate_k = decision.active, decision.gate
-                    self.router_stats.add_all(decision.stats, recursion_idx=r)
-                    if decision.aux_loss is not None:
-                        aux_losses.append(decision.aux_loss)
-                elif token_choice is not None:
-                    _, depth, _ = token_choice
-                    active = every_token if r == 0 else ActiveTokens.from_mask(depth >= r)
-                    gate_k = None
-                else:
-                    active, gate_k = every_token, None
-                self.router_stats.add("active_frac", active.count().float() / (seq_length * batch), r)
-                hidden = self._run_recursion(r, hidden, active, gate_k, token_choice, attention_mask,
-                                             rotary_pos_emb, sessions)
-                candidates = active
-        aux_loss = torch.stack(aux_losses).sum() if aux_losses else None
-        return hidden, aux_loss
-
-    def _run_recursion(self, recursion_idx: int, hidden: Tensor, active: ActiveTokens, gate: Tensor | None,
-                       token_choice: tuple[Tensor, Tensor, Tensor] | None, attention_mask: Tensor | None,
-                       rotary_pos_emb: Tensor | None, sessions: dict[int, KVShareSession] | None) -> Tensor:
-        """One recursion on the active tokens only: gather, shared layers, gate/combine, scatter back."""
-        is_full = active.valid is None and active.num_slots == active.seq_length
-        x = hidden if is_full else active.gather(hidden)
-        reuse_kv = sessions is not None and recursion_idx > 0
-        if reuse_kv:
-            q_rope = rotary_pos_emb if is_full or rotary_pos_emb is None else active.gather_rotary(rotary_pos_emb)
-            # Queries are spread to full length around the core attention, so the caller's mask applies as is.
-            kwargs = dict(attention_mask=attention_mask,
-                          rotary_pos_emb=None if rotary_pos_emb is None else (q_rope, rotary_pos_emb))
-        elif is_full:
-            kwargs = dict(attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb)
-        else:
-            kwargs = dict(attention_mask=active.attention_mask(attention_mask),
-                          rotary_pos_emb=None if rotary_pos_emb is None else active.gather_rotary(rotary_pos_emb))
-        if sessions is not None:
-            for session in sessions.values():
-                session.mode = "reuse" if reuse_kv else "record"
-                session.queries = active if reuse_kv and not is_full else None
-
-        y = x
-        for idx in self.layout.recursion_layers(recursion_idx):
-            y, _ = self._layer(idx)(hidden_states=y, **kwargs)
-
-        if token_choice is not None:
-            first_hidden, depth, token_gate = token_choice
-            y = token_choice_update(y, exits=(active.gather_rows(depth) == recursion_idx).t(),
-                                    first_hidden=first_hidden if is_full else active.gather(first_hidden),
-                                    gate=active.gather_rows(token_gate).t())
-        elif gate is not None:
-            y = expert_choice_update(x, gate, y)
-        return y if is_full else active.scatter(hidden, y)
-
-    # ---------------------------------------------------------------------------------------- pipeline chunks
-    def _forward_chunk(self, recursion_idx: int, stage_input: Tensor, attention_mask: Tensor | None,
-                       rotary_pos_emb: Tensor | None, routing_mode: RoutingMode) -> Tensor:
-        """Recursion ``recursion_idx`` on this pipeline rank's slice of the shared block.
-
-        The first rank decides the recursion's tokens (and, in chunk 0, runs the prefix layers and token-choice
-        depth assignment); every rank runs its slice on the active tokens; the last rank gates and combines, and
-        in the last chunk runs the suffix and final norm. Between ranks the state travels packed
-        (:class:`~mor_megatron.model.pipeline_packing.PipelinePacking`). The arithmetic is that of
-        :meth:`_run_recursion`, so pipeline and non-pipeline runs agree to rounding.
-        """
-        if self.packing is None:
-            raise RuntimeError("MoRBlock.packing is not set; build the model with pipeline_seq_length")
-        routing, r = self.recursion.routing, recursion_idx
-        aux_losses: list[Tensor] = []
-        if self.pre_process and r == 0:
-            state = self._start_stream(stage_input, attention_mask, rotary_pos_emb, aux_losses)
-        else:
-            state = self.packing.unpack(stage_input)
-        if self.pp_rank == 0:
-            self._begin_recursion(r, state, routing_mode, aux_losses)
-
-        slice_layers = [idx for idx in self.layout.recursion_layers(r) if idx in self._local_index]
-        if routing == "none":
-            hidden = state["hidden"]
-            for idx in slice_layers:
-                hidden, _ = self._layer(idx)(hidden_states=hidden, attention_mask=attention_mask,
-                                             rotary_pos_emb=rotary_pos_emb)
-            state["hidden"] = hidden
-        else:
-            active = ActiveTokens.from_mask(state["mask"] > 0.5)
-            x = active.gather(state["work"])
-            kwargs = dict(attention_mask=active.attention_mask(attention_mask),
-                          rotary_pos_emb=None if rotary_pos_emb is None else active.gather_rotary(rotary_pos_emb))
-            for idx in slice_layers:
-                x, _ = self._layer(idx)(hidden_states=x, **kwargs)
-            state["work"] = active.scatter(state["work"], x)
-            if self.pp_rank == self.pp_size - 1:
-                self._end_recursion(r, state, active)
+            for r in chunks:
+                if self.pp_rank == 0:
+                    self._choose_tokens(r, state, routing_mode, aux_losses)
+                recording = self._apply_shared(r, state, attention_mask, rotary_pos_emb, sessions) or recording
+                if self.pp_rank == self.pp_size - 1:
+                    self._combine(r, state)
 
         aux_loss = torch.stack(aux_losses).sum() if aux_losses else None
-        if self.post_process and r == self.recursion.num_recursions - 1:
-            hidden = state["hidden"]
+        if self.post_process and chunks[-1] == self.recursion.num_recursions - 1:
+            hidden = state.hidden
             first_suffix = self.layout.num_prefix + self.layout.num_shared
             for idx in range(first_suffix, first_suffix + self.layout.num_suffix):
                 hidden, _ = self._layer(idx)(hidden_states=hidden, attention_mask=attention_mask,
                                              rotary_pos_emb=rotary_pos_emb)
-            hidden = attach_aux_loss(hidden, aux_loss, self.aux_loss_scale)
-            hidden = self.final_layernorm(hidden) if self.final_layernorm is not None else hidden
-            return make_viewless_tensor(inp=hidden, requires_grad=True, keep_graph=True)
-        packed = attach_aux_loss(self.packing.pack(state), aux_loss, self.aux_loss_scale)
-        return make_viewless_tensor(inp=packed, requires_grad=True, keep_graph=True)
+            output = attach_aux_loss(hidden, aux_loss, self.aux_loss_scale)
+            if self.final_layernorm is not None:
+                output = self.final_layernorm(output)
+        else:
+            output = attach_aux_loss(self.packing.pack(state), aux_loss, self.aux_loss_scale)
+            if recording is not None:
+                output = SharedKV.return_grads(output, recording)
+        return make_viewless_tensor(inp=output, requires_grad=True, keep_graph=True)
 
-    def _start_stream(self, embedded: Tensor, attention_mask: Tensor | None, rotary_pos_emb: Tensor | None,
-                      aux_losses: list[Tensor]) -> dict[str, Tensor]:
-        """Chunk 0 on the first rank: prefix layers, then the initial routing state."""
+    def _start(self, embedded: Tensor, attention_mask: Tensor | None, rotary_pos_emb: Tensor | None,
+               aux_losses: list[Tensor]) -> RecursionState:
+        """Prefix layers, then token-choice depth assignment: the state the first recursion starts from."""
         hidden = make_viewless_tensor(inp=embedded, requires_grad=True, keep_graph=True)
         for idx in range(self.layout.num_prefix):
             hidden, _ = self._layer(idx)(hidden_states=hidden, attention_mask=attention_mask,
                                          rotary_pos_emb=rotary_pos_emb)
-        state = {"hidden": hidden}
-        if self.recursion.routing == "none":
-            return state
-        batch, seq_length = hidden.shape[1], hidden.shape[0]
-        state.update(work=hidden, mask=hidden.new_ones(batch, seq_length), gate=hidden.new_zeros(batch, seq_length))
+        state = RecursionState(hidden=hidden)
         if isinstance(self.router, TokenChoiceRouter):
-            depth, gate, aux, stats = self.router.assign(hidden)
-            state.update(first=hidden, depth=depth.to(hidden.dtype), gate=gate)
+            state.depth, state.token_gate, aux, stats = self.router.assign(hidden)
+            state.first = hidden
             self.router_stats.add_all(stats)
             if aux is not None:
                 aux_losses.append(aux)
         return state
 
-    def _begin_recursion(self, r: int, state: dict[str, Tensor], routing_mode: RoutingMode,
-                         aux_losses: list[Tensor]) -> None:
-        """First rank: choose the tokens of recursion ``r`` (mask, gates) and reset the work stream."""
-        hidden = state["hidden"]
+    def _choose_tokens(self, r: int, state: RecursionState, routing_mode: RoutingMode,
+                       aux_losses: list[Tensor]) -> None:
+        """First rank: the tokens (and gates) of recursion ``r``, and their block input."""
+        hidden = state.hidden
         seq_length, batch = hidden.shape[0], hidden.shape[1]
         if isinstance(self.router, ExpertChoiceRouter):
-            candidates = None if r == 0 else ActiveTokens.from_mask(state["mask"] > 0.5)
-            decision = self.router.route(r, hidden, candidates, seq_length, routing_mode)
-            state["gate"] = decision.active.scatter_rows(hidden.new_zeros(batch, seq_length), decision.gate.t())
-            state["mask"] = decision.active.mask().to(hidden.dtype)
+            # Hierarchical: only the tokens of recursion r - 1 are candidates at r.
+            decision = self.router.route(r, hidden, state.active if r > 0 else None, seq_length, routing_mode)
+            state.active, state.gate = decision.active, decision.gate
             self.router_stats.add_all(decision.stats, recursion_idx=r)
             if decision.aux_loss is not None:
                 aux_losses.append(decision.aux_loss)
-        elif isinstance(self.router, TokenChoiceRouter):
-            state["mask"] = (state["depth"] >= r).to(hidden.dtype)
-        if "mask" in state:
-            state["work"] = hidden
-            self.router_stats.add("active_frac", state["mask"].sum() / (seq_length * batch), r)
-        else:
+        elif state.depth is not None:
+            state.active = ActiveTokens.from_mask(state.depth >= r)
+        if state.active is None:
             self.router_stats.add("active_frac", hidden.new_ones(()), r)
+            return
+        self.router_stats.add("active_frac", state.active.count().float() / (seq_length * batch), r)
+        state.work = state.gather(hidden)
 
-    def _end_recursion(self, r: int, state: dict[str, Tensor], active: ActiveTokens) -> None:
-        """Last rank: gate the block output of the active tokens and write them into the residual stream."""
-        y = active.gather(state["work"])
-        gate = active.gather_rows(state["gate"]).t()
-        if self.recursion.routing == "token_choice":
-            new = token_choice_update(y, exits=(active.gather_rows(state["depth"]) == r).t(),
-                                      first_hidden=active.gather(state["first"]), gate=gate)
+    def _apply_shared(self, r: int, state: RecursionState, attention_mask: Tensor | None,
+                      rotary_pos_emb: Tensor | None, sessions: dict[int, KVShareSession] | None):
+        """This rank's layers of recursion ``r`` on the active tokens (``state.work``).
+
+        Returns the KV-share recording made here (first recursion under KV sharing), else None.
+        """
+        full = state.every_token_active
+        reuse_kv = sessions is not None and r > 0
+        if reuse_kv:
+            self.shared_kv.read(r, sessions)
+            # Queries are spread to full length around the core attention, so the caller's mask applies as is.
+            q_rope = rotary_pos_emb if full or rotary_pos_emb is None else state.active.gather_rotary(rotary_pos_emb)
+            kwargs = dict(attention_mask=attention_mask,
+                          rotary_pos_emb=None if rotary_pos_emb is None else (q_rope, rotary_pos_emb))
+        elif full:
+            kwargs = dict(attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb)
         else:
-            new = expert_choice_update(active.gather(state["hidden"]), gate, y)
-        state["hidden"] = active.scatter(state["hidden"], new)
+            kwargs = dict(attention_mask=state.active.attention_mask(attention_mask),
+                          rotary_pos_emb=None if rotary_pos_emb is None else state.active.gather_rotary(rotary_pos_emb))
+        for session in (sessions or {}).values():
+            session.mode = "reuse" if reuse_kv else "record"
+            session.queries = state.active if reuse_kv and not full else None
+
+        x = state.hidden if state.active is None else state.work
+        for idx in self.layout.recursion_layers(r):
+            if idx in self._local_index:
+                x, _ = self._layer(idx)(hidden_states=x, **kwargs)
+        if state.active is None:
+            state.hidden = x  # plain recursion: the block output is the stream
+        else:
+            state.work = x
+        return self.shared_kv.record(sessions) if sessions is not None and r == 0 else None
+
+    def _combine(self, r: int, state: RecursionState) -> None:
+        """Last rank: gate the active tokens' block output and write it into the residual stream."""
+        if state.active is None:
+            return
+        if state.depth is not None:
+            new = token_choice_update(state.work, exits=(state.active.gather_rows(state.depth) == r).t(),
+                                      first_hidden=state.gather(state.first),
+                                      gate=state.active.gather_rows(state.token_gate).t())
+        else:
+            new = expert_choice_update(state.gather(state.hidden), state.gate, state.work)
+        state.hidden = state.scatter(state.hidden, new)
 
     @contextmanager
     def _kv_share_sessions(self) -> Iterator[dict[int, KVShareSession] | None]:
-        """Attach KV-share sessions to the shared layers' attention for one forward (kv_mode `shared`)."""
-        if self.recursion.kv_mode != "shared":
+        """Attach KV-share sessions to this rank's shared attention modules for one call (kv_mode `shared`)."""
+        if self.shared_kv is None:
             yield None
             return
-        shared = self.layout.recursion_layers(0)
-        sessions = {idx: KVShareSession() for idx in shared}
-        attentions = {idx: self._layer(idx).self_attention for idx in shared}
+        attentions = {idx: self._layer(idx).self_attention
+                      for idx in self.layout.recursion_layers(0) if idx in self._local_index}
+        sessions = {idx: KVShareSession() for idx in attentions}
         for idx, attention in attentions.items():
             if not isinstance(attention, MoRSelfAttention):
                 raise TypeError("kv_mode 'shared' needs MoRSelfAttention in the layer spec")

@@ -10,7 +10,7 @@ from megatron.core.utils import get_pg_rank, get_pg_size
 
 from mor_megatron.config import ModelConfig, ParallelConfig, RecursionConfig, layer_layout
 from mor_megatron.model.gpt import MoRGPTModel
-from mor_megatron.model.pipeline_packing import PipelinePacking
+from mor_megatron.model.recursion_state import PipelinePacking
 from mor_megatron.model.specs import SpecProvider, default_provider, mor_block_spec
 
 

@@ -63,19 +63,20 @@ def _run_variants(rank: int, world_size: int, *, tp: int, workdir: str) -> dict:
             model.load_state_dict(state)
 
         masks = []
-        original = MoRBlock._run_recursion
+        original = MoRBlock._apply_shared
 
-        def recording(self, recursion_idx, hidden, active, *args, **kwargs):
-            masks.append(active.mask().clone())
-            return original(self, recursion_idx, hidden, active, *args, **kwargs)
+        def recording(self, recursion_idx, state, *args, **kwargs):
+            if state.active is not None:
+                masks.append(state.active.mask().clone())
+            return original(self, recursion_idx, state, *args, **kwargs)
 
-        MoRBlock._run_recursion = recording
+        MoRBlock._apply_shared = recording
         try:
             tokens, positions = batch(model_cfg.vocab_size, batch_size=2, seq_length=24)
             loss = model(tokens, positions, None, labels=tokens).mean()
             loss.backward()
         finally:
-            MoRBlock._run_recursion = original
+            MoRBlock._apply_shared = original
 
         # Every TP rank must have made the same routing decision.
         tp_group = parallel_state.get_tensor_model_parallel_group()

@@ -1,15 +1,15 @@
 """Pipeline parallelism across recursion blocks (recursions are virtual pipeline stages).
 
 Every layout trains the same model from the same weights on the same batches: PP=2 and TP=2 x PP=2 must give
-the losses and grad norms of the single-rank run, each shared weight must live on exactly one pipeline rank,
-and checkpoints must move between PP=2 and PP=1.
+the losses and grad norms of the single-rank run (KV sharing included), each shared weight must live on exactly
+one pipeline rank, and checkpoints must move between PP=2 and PP=1.
 """
 
 from __future__ import annotations
 
 import pytest
 
-from mor_megatron.training.metrics import MODEL_PARAMS_TOTAL, parameter_count_metrics
+from mor_megatron.tracking.metrics import MODEL_PARAMS_TOTAL, parameter_count_metrics
 from tests.dist.launch import run_ranks
 from tests.dist.pipeline_job import run_variants
 
@@ -22,6 +22,9 @@ VARIANTS = {
     "mor-e-r3-cycle": {"preset": "tiny-mor-e-r3",
                        "overrides": {"model": {"num_layers": 6}, "recursion": {"sharing": "cycle"}}},
     "mor-t-r3": {"preset": "tiny-mor-t-r3"},
+    # KV sharing: later recursions reuse K/V recorded by chunk 0 of the same micro-batch, several in flight;
+    # gates of 1 make the K/V gradient that those recursions send back to chunk 0 weigh in the grad norm.
+    "mor-e-r3-kvshare": {"preset": "tiny-mor-e-r3-kvshare", "overrides": {"recursion": {"router_alpha": 1.0}}},
     # Shared weights are used by every recursion chunk: overlapped grad reduce must wait for the last use.
     "mor-e-r3-overlap": {"preset": "tiny-mor-e-r3", "overrides": {"parallel": {"overlap_grad_reduce": True}}},
     "mor-e-r3-plain-ddp": {"preset": "tiny-mor-e-r3",

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from mor_megatron.model.recursion import ActiveTokens
-from mor_megatron.model.attention import KVShareSession
+from mor_megatron.model.kv_share import KVShareSession
 from mor_megatron.model.core_attention import SDPAttention
 
 from tests.model.helpers import batch, make_model, tiny

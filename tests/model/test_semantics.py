@@ -7,6 +7,7 @@ import torch
 
 from mor_megatron.model.recursion import ActiveTokens
 from mor_megatron.model.attention import MoRSelfAttention
+from mor_megatron.model.recursion_state import RecursionState
 from mor_megatron.model.routing import ExpertChoiceRouter
 
 from tests.model.helpers import batch, make_model, tiny
@@ -68,8 +69,11 @@ def test_inactive_token_cannot_change_active_output(pg_collection):
     hidden = torch.randn(seq_length, batch_size, width)
 
     def run(h):
+        state = RecursionState(hidden=h, active=active, work=active.gather(h), gate=gate)
         with torch.no_grad():
-            return block._run_recursion(1, h, active, gate, None, None, rope, None)
+            block._apply_shared(1, state, None, rope, None)
+            block._combine(1, state)
+        return state.hidden
 
     out = run(hidden)
     perturbed = hidden.clone()
