@@ -37,7 +37,8 @@ def _tokenizer(args: argparse.Namespace) -> dict[str, Any]:
     model = train_tokenizer(args.input, args.output_dir, vocab_size=args.vocab_size, json_key=args.json_key,
                             text_unit=args.text_unit, input_sentence_size=args.input_sentence_size,
                             num_threads=args.threads, byte_fallback=args.byte_fallback,
-                            character_coverage=args.character_coverage, overwrite=args.overwrite)
+                            character_coverage=args.character_coverage, overwrite=args.overwrite,
+                            progress=not args.quiet)
     return {"tokenizer": str(model), "vocab_size": tokenizer_vocab_size(model)}
 
 
@@ -52,7 +53,8 @@ def _preprocess(args: argparse.Namespace) -> dict[str, Any]:
 
 def _add_input_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", nargs="+", required=True, metavar="PATH",
-                        help="jsonl / parquet / .txt files or directories (searched recursively)")
+                        help="jsonl (also .gz/.zst) / parquet / .txt files, directories (searched "
+                        "recursively) or a Hugging Face save_to_disk folder")
     parser.add_argument("--json-key", default="text", help="jsonl field / parquet column holding the text")
     parser.add_argument("--text-unit", choices=("file", "line"), default="file",
                         help="plain-text files: one document per file, or per non-empty line")
@@ -88,6 +90,7 @@ def _parser() -> argparse.ArgumentParser:
     tokenizer.add_argument("--no-byte-fallback", dest="byte_fallback", action="store_false",
                            help="map uncovered characters to <unk> instead of 256 byte pieces")
     tokenizer.add_argument("--overwrite", action="store_true", help="replace an existing tokenizer.model")
+    tokenizer.add_argument("--quiet", action="store_true", help="no progress output")
     tokenizer.set_defaults(run=_tokenizer)
 
     preprocess = commands.add_parser("preprocess", help="tokenize files into Megatron .bin/.idx",

@@ -13,11 +13,13 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import sys
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mor_megatron.data.readers import TextUnit, iter_documents, resolve_inputs
+from mor_megatron.data.readers import TextUnit, count_records, iter_documents, resolve_inputs
 
 if TYPE_CHECKING:
     from megatron.core.tokenizers import MegatronTokenizerBase
@@ -88,12 +90,14 @@ def train_tokenizer(inputs: Sequence[str | Path], output_dir: str | Path, *, voc
                     json_key: str = "text", text_unit: TextUnit = "file", input_sentence_size: int = 200_000,
                     num_threads: int | None = None, byte_fallback: bool = True,
                     character_coverage: float = 0.9999, chunk_chars: int = 2048,
-                    overwrite: bool = False) -> Path:
+                    overwrite: bool = False, progress: bool = False) -> Path:
     """Train a SentencePiece BPE model on jsonl/parquet/text ``inputs`` and write it with its metadata.
 
     ``input_sentence_size`` caps how many ~``chunk_chars`` chunks SentencePiece samples (its training time
     and memory grow with it); ``num_threads`` defaults to all cores. Training is deterministic for the
-    same inputs and arguments. Returns the path of ``output_dir/tokenizer.model``.
+    same inputs and arguments. Returns the path of ``output_dir/tokenizer.model``. With ``progress``, a bar on
+    stderr counts the documents read, then one line each when the BPE merges start and end (SentencePiece
+    itself stays silent).
 
     Raises ``FileExistsError`` when the model exists and ``overwrite`` is false, and ``ValueError`` for a
     vocabulary size SentencePiece cannot meet on this corpus (its message says which bound applies).
@@ -111,9 +115,16 @@ def train_tokenizer(inputs: Sequence[str | Path], output_dir: str | Path, *, voc
         raise FileExistsError(f"{str(model_path)!r} already exists; pass --overwrite (overwrite=True) to "
                               "replace it, and re-run preprocessing afterwards: old .bin/.idx files hold the "
                               "old ids")
+    from tqdm import tqdm
+
     writer = io.BytesIO()
-    documents = iter_documents(files, json_key=json_key, text_unit=text_unit)
+    start = time.perf_counter()
+    documents = tqdm(iter_documents(files, json_key=json_key, text_unit=text_unit), unit="doc", file=sys.stderr,
+                     total=count_records(files, text_unit=text_unit) if progress else None,
+                     disable=not progress, desc="tokenizer: reading", dynamic_ncols=True)
     sentences = _training_sentences(documents, chunk_chars)
+    if progress:
+        sentences = _announce_end(sentences, vocab_size, input_sentence_size)
     try:
         sentencepiece.SentencePieceTrainer.train(
             sentence_iterator=sentences, model_writer=writer, vocab_size=vocab_size, model_type="bpe",
@@ -132,7 +143,18 @@ def train_tokenizer(inputs: Sequence[str | Path], output_dir: str | Path, *, voc
     tmp.write_bytes(writer.getvalue())
     os.replace(tmp, model_path)
     _write_metadata(model_path)
+    if progress:
+        print(f"tokenizer: {model_path} written in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return model_path
+
+
+def _announce_end(sentences: Iterator[str], vocab_size: int, sample_cap: int) -> Iterator[str]:
+    """Pass ``sentences`` through; when they run out (the reading bar has closed), say that training starts."""
+    count = 0
+    for count, sentence in enumerate(sentences, start=1):
+        yield sentence
+    print(f"tokenizer: learning {vocab_size} BPE pieces from {min(count, sample_cap)} of {count} text chunks "
+          "(SentencePiece reports no progress; minutes on large corpora)", file=sys.stderr, flush=True)
 
 
 def _write_metadata(model_path: Path) -> None:

@@ -115,6 +115,17 @@ def test_tokenizer_training_is_deterministic_and_guards_overwrite(tmp_path, corp
         train_tokenizer([corpus], tmp_path / "small", vocab_size=200)
 
 
+def test_tokenizer_training_shows_progress_and_the_same_model(tmp_path, corpus, tokenizer_model, capsys):
+    model = train_tokenizer([corpus], tmp_path, vocab_size=VOCAB, byte_fallback=False, num_threads=1,
+                            progress=True)
+    assert model.read_bytes() == tokenizer_model.read_bytes()
+    err = capsys.readouterr().err
+    documents = len(_corpus_texts(corpus))
+    assert "tokenizer: reading: 100%" in err and f"{documents}/{documents}" in err
+    assert re.search(rf"tokenizer: learning {VOCAB} BPE pieces from \d+ of \d+ text chunks", err)
+    assert f"tokenizer: {model} written in" in err
+
+
 def test_load_tokenizer_writes_missing_metadata(tmp_path, tokenizer_model):
     copy = tmp_path / "tokenizer.model"
     copy.write_bytes(tokenizer_model.read_bytes())
@@ -154,6 +165,61 @@ def test_preprocess_jsonl_txt_parquet_matches_tokenizer(tmp_path, tokenizer_mode
                         json_key="body", text_unit="line", workers=1, progress=False)
     for suffix in (".bin", ".idx"):
         assert Path(single.prefix + suffix).read_bytes() == (tmp_path / f"out{suffix}").read_bytes()
+
+
+def _records() -> list[dict]:
+    return [{"text": CODE, "id": 0}, {"text": "", "id": 1}, {"text": "import os\n", "id": 2},
+            {"text": "caf\u00e9 = 1\n", "id": 3}]
+
+
+def _compressed_and_saved_inputs(folder: Path) -> dict[str, Path]:
+    """The same documents as plain jsonl, .jsonl.gz, .jsonl.zst and a datasets save_to_disk folder."""
+    import gzip
+
+    import datasets
+    import zstandard
+
+    body = "".join(json.dumps(r) + "\n" for r in _records()).encode()
+    paths = {"plain": folder / "docs.jsonl", "gzip": folder / "docs.jsonl.gz", "zstd": folder / "docs.json.zst",
+             "saved": folder / "saved"}
+    paths["plain"].write_bytes(body)
+    paths["gzip"].write_bytes(gzip.compress(body))
+    paths["zstd"].write_bytes(zstandard.ZstdCompressor().compress(body))
+    # Two shards, so the order of state.json's file list matters.
+    datasets.Dataset.from_list(_records()).save_to_disk(str(paths["saved"]), num_shards=2)
+    return paths
+
+
+def test_compressed_jsonl_and_saved_dataset_give_the_plain_jsonl_dataset(tmp_path, tokenizer_model):
+    inputs = _compressed_and_saved_inputs(tmp_path)
+    assert len(list(inputs["saved"].glob("*.arrow"))) == 2
+    outputs = {name: preprocess([path], tmp_path / f"out_{name}", tokenizer=tokenizer_model, progress=False)
+               for name, path in inputs.items()}
+    assert {stats.num_documents for stats in outputs.values()} == {3}
+    for suffix in (".bin", ".idx"):
+        plain = (tmp_path / f"out_plain{suffix}").read_bytes()
+        for name in ("gzip", "zstd", "saved"):
+            assert (tmp_path / f"out_{name}{suffix}").read_bytes() == plain, f"{name}{suffix}"
+
+
+def test_saved_dataset_and_compressed_input_errors(tmp_path, tokenizer_model):
+    import datasets
+
+    inputs = _compressed_and_saved_inputs(tmp_path)
+    with pytest.raises(ValueError, match="has no column 'body'"):
+        preprocess([inputs["saved"]], tmp_path / "x", tokenizer=tokenizer_model, json_key="body", progress=False)
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(_records())}).save_to_disk(str(tmp_path / "dict"))
+    with pytest.raises(ValueError, match=r"DatasetDict; pass one split's folder, e.g. '.*dict/train'"):
+        preprocess([tmp_path / "dict"], tmp_path / "x", tokenizer=tokenizer_model, progress=False)
+    (tmp_path / "docs.csv.gz").write_bytes(b"")
+    with pytest.raises(ValueError, match="unsupported extension '.csv.gz'"):
+        preprocess([tmp_path / "docs.csv.gz"], tmp_path / "x", tokenizer=tokenizer_model, progress=False)
+    latin = tmp_path / "latin.jsonl.gz"
+    import gzip
+    latin.write_bytes(gzip.compress('{"text": "ok"}\n{"text": "caf\u00e9"}\n'.encode("latin-1")))
+    with pytest.raises(ValueError, match=re.escape("latin.jsonl.gz:2: not UTF-8 text (byte 0xe9 at byte offset")):
+        preprocess([latin], tmp_path / "x", tokenizer=tokenizer_model, progress=False)
+    assert not list(tmp_path.glob("x*"))
 
 
 def test_preprocess_rejects_bad_input_before_workers(tmp_path, tokenizer_model, corpus):
