@@ -20,6 +20,9 @@ _KNOWN_WARNINGS = (
     (r"full scope is deprecated\.", r"megatron\.core"),  # TransformerConfig's own default (0.16 and 0.19 wording)
     (r"absl\.logging is not installed", r"megatron\.core"),  # 0.19
     (r"Could not determine rank from torch\.distributed", r"megatron\.core"),  # 0.19, a lone process
+    # Its datasets then pad with -1, which is right: a Hugging Face tokenizer padding with its EOS (ours, when
+    # it has no pad token, see data/tokenizer.py) must not mask the EOD tokens' loss.
+    (r"The pad token id in the tokenizer collides with another special token id", r"megatron\.core"),
 )
 # Log records (logger name, message prefix) that only announce defaults or the machine.
 _KNOWN_LOG_RECORDS = (

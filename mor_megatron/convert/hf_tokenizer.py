@@ -1,4 +1,7 @@
-"""Export a SentencePiece BPE tokenizer as Hugging Face files that stock transformers loads offline.
+"""Export the run's tokenizer as Hugging Face files that stock transformers loads offline.
+
+A Hugging Face tokenizer folder (``tokenizer.json`` / ``tokenizer_config.json``, e.g. SmolLM's or an imported
+Llama's) is copied unchanged. A SentencePiece BPE model is converted:
 
 The folder gets the original ``tokenizer.model`` plus a ``tokenizer.json`` (the ``tokenizers`` library's
 format, built from the SentencePiece vocabulary and merges) and a ``tokenizer_config.json`` naming
@@ -86,26 +89,33 @@ def build_tokenizer_json(model_path: Path):
     return tokenizer, processor, specials
 
 
-def export_tokenizer(model_path: str | Path, output_dir: Path, *, model_max_length: int,
+def export_tokenizer(path: str | Path, output_dir: Path, *, model_max_length: int,
                      vocab_size: int) -> int:
-    """Write ``tokenizer.model``, ``tokenizer.json`` and ``tokenizer_config.json`` into ``output_dir``.
+    """Write the tokenizer into ``output_dir``: a Hugging Face folder's files as they are, or for SentencePiece
+    ``tokenizer.model``, ``tokenizer.json`` and ``tokenizer_config.json``.
 
     Returns the tokenizer's vocabulary size. Raises :class:`ConversionError` when the tokenizer does not fit
-    the model (more pieces than ``vocab_size`` rows) or the exported tokenizer disagrees with SentencePiece.
+    the model (more ids than ``vocab_size`` rows) or the exported tokenizer disagrees with SentencePiece.
     """
     from transformers import PreTrainedTokenizerFast
 
-    model_path = Path(model_path)
-    if model_path.is_dir():
-        model_path = model_path / "tokenizer.model"
-    if not model_path.is_file():
-        raise ConversionError(f"tokenizer {str(model_path)!r} does not exist; pass --tokenizer PATH (the "
-                              "SentencePiece model the run trained with) or --no-tokenizer")
-    tokenizer, processor, specials = build_tokenizer_json(model_path)
-    pieces = processor.get_piece_size()
+    from mor_megatron.data.tokenizer import resolve_tokenizer, tokenizer_vocab_size
+
+    try:
+        source = resolve_tokenizer(path)
+        pieces = tokenizer_vocab_size(source.path)
+    except (FileNotFoundError, ValueError) as err:
+        raise ConversionError(f"{err}; pass --tokenizer PATH (the tokenizer the run trained with) or "
+                              "--no-tokenizer") from err
     if pieces > vocab_size:
-        raise ConversionError(f"tokenizer {str(model_path)!r} has {pieces} pieces but the model has only "
+        raise ConversionError(f"tokenizer {str(source.path)!r} has {pieces} ids but the model has only "
                               f"{vocab_size} embedding rows (model.vocab_size): not this model's tokenizer")
+    if source.library == "huggingface":
+        for path in source.files:
+            shutil.copyfile(path, output_dir / path.name)
+        return pieces
+    model_path = source.path
+    tokenizer, processor, specials = build_tokenizer_json(model_path)
     shutil.copyfile(model_path, output_dir / "tokenizer.model")
     tokenizer.save(str(output_dir / "tokenizer.json"))
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model_max_length,

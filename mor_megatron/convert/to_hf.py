@@ -102,14 +102,24 @@ def check_tensors(tensors: dict[str, torch.Tensor], config: JobConfig, source: s
                                   f"model.vocab_size={config.model.vocab_size})")
 
 
-def _special_ids() -> dict[str, int]:
-    from mor_megatron.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
+def special_ids(tokenizer: Path | None) -> dict[str, int | None]:
+    """``bos/eos/pad_token_id`` of ``tokenizer``; without one, those of the SentencePiece layout that
+    ``mor-data tokenizer`` writes."""
+    from mor_megatron.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, special_token_ids
 
-    return {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID}
+    if tokenizer is None:
+        return {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID}
+    try:
+        return special_token_ids(tokenizer)
+    except (FileNotFoundError, ValueError) as err:
+        raise ConversionError(f"tokenizer {str(tokenizer)!r}: {err}; pass --tokenizer PATH or --no-tokenizer") \
+            from err
 
 
-def hf_config(config: JobConfig, dtype: torch.dtype):
-    """``LlamaConfig`` for a vanilla model, else ``MoRConfig`` with ``auto_map`` (transformers objects)."""
+def hf_config(config: JobConfig, dtype: torch.dtype, special: dict[str, int | None]):
+    """``LlamaConfig`` for a vanilla model, else ``MoRConfig`` with ``auto_map`` (transformers objects).
+
+    ``special``: the tokenizer's ``bos/eos/pad_token_id`` (:func:`special_ids`)."""
     from transformers import LlamaConfig
 
     from mor_megatron.inference.hf import AUTO_MAP
@@ -121,7 +131,7 @@ def hf_config(config: JobConfig, dtype: torch.dtype):
                   num_key_value_heads=model.num_query_groups, head_dim=model.head_dim, hidden_act="silu",
                   rms_norm_eps=model.norm_epsilon, max_position_embeddings=model.max_seq_length,
                   initializer_range=model.init_method_std, tie_word_embeddings=model.tie_embeddings,
-                  dtype=str(dtype).removeprefix("torch."), **_special_ids())
+                  dtype=str(dtype).removeprefix("torch."), **special)
     if is_vanilla(config):
         hf = LlamaConfig(num_hidden_layers=model.num_layers, attention_bias=False, mlp_bias=False,
                          rope_parameters={"rope_type": "default", "rope_theta": model.rotary_base}, **common)
@@ -171,13 +181,21 @@ def _prepare_output(output_dir: Path) -> None:
     output_dir.mkdir(parents=True)
 
 
-def _resolve_tokenizer(checkpoint: MegatronCheckpoint, tokenizer: str | Path | None) -> Path:
+def _resolve_tokenizer(checkpoint: MegatronCheckpoint, tokenizer: str | Path | None,
+                       include_tokenizer: bool) -> Path | None:
+    """The tokenizer to export (and take the special ids from); None when there is none to read.
+
+    With ``--no-tokenizer`` the run's ``data.tokenizer`` still gives the special ids when it is on this machine.
+    """
     if tokenizer is not None:
         return Path(tokenizer)
-    if checkpoint.config.data.tokenizer is None:
+    configured = checkpoint.config.data.tokenizer
+    if not include_tokenizer:
+        return Path(configured) if configured is not None and Path(configured).exists() else None
+    if configured is None:
         raise ConversionError(f"the config of {str(checkpoint.path)!r} names no data.tokenizer; pass "
                               "--tokenizer PATH or --no-tokenizer")
-    return Path(checkpoint.config.data.tokenizer)
+    return Path(configured)
 
 
 def to_hf(checkpoint: str | Path, output_dir: str | Path, *, tokenizer: str | Path | None = None,
@@ -186,7 +204,9 @@ def to_hf(checkpoint: str | Path, output_dir: str | Path, *, tokenizer: str | Pa
     """Export ``checkpoint`` (a step folder, or a save_dir whose ``latest`` is used) to ``output_dir``.
 
     Args:
-        tokenizer: SentencePiece model (file or folder); default: the ``data.tokenizer`` the run used.
+        tokenizer: SentencePiece model (file or folder) or Hugging Face tokenizer folder (exported unchanged);
+            default: the ``data.tokenizer`` the run used. Its special ids go into config.json and
+            generation_config.json.
         include_tokenizer: False writes no tokenizer files.
         dtype: `float32`, `bfloat16` or `float16`; default: the checkpoint's own dtype.
         max_shard_size: largest safetensors file (bytes or e.g. ``"5GB"``); larger models are sharded.
@@ -206,13 +226,14 @@ def to_hf(checkpoint: str | Path, output_dir: str | Path, *, tokenizer: str | Pa
     if dtype is not None and dtype not in DTYPES:
         raise ConversionError(f"dtype={dtype!r} is not one of {list(DTYPES)}")
     target_dtype = DTYPES[dtype] if dtype else ckpt.tensors["embedding.word_embeddings.weight"].dtype
-    tokenizer_path = _resolve_tokenizer(ckpt, tokenizer) if include_tokenizer else None
+    tokenizer_path = _resolve_tokenizer(ckpt, tokenizer, include_tokenizer)
+    special = special_ids(tokenizer_path)
     hf_tensors = megatron_to_hf(ckpt.tensors, attention_shape(ckpt.config))
     # depth_bias stays fp32 (as trained): its small loss-free steps would round away in bf16.
     hf_tensors = {name: t if name.endswith("depth_bias") else t.to(target_dtype)
                   for name, t in hf_tensors.items()}
     _prepare_output(output_dir)
-    config = hf_config(ckpt.config, target_dtype)
+    config = hf_config(ckpt.config, target_dtype, special)
     config.save_pretrained(str(output_dir))
     if not is_vanilla(ckpt.config):
         from mor_megatron.inference.hf import copy_modeling_files
@@ -221,9 +242,9 @@ def to_hf(checkpoint: str | Path, output_dir: str | Path, *, tokenizer: str | Pa
     files = write_safetensors(hf_tensors, output_dir, max_shard_size)
     from transformers import GenerationConfig
 
-    GenerationConfig(do_sample=False, **_special_ids()).save_pretrained(str(output_dir))
+    GenerationConfig(do_sample=False, **special).save_pretrained(str(output_dir))
     vocab = None
-    if tokenizer_path is not None:
+    if include_tokenizer:
         from mor_megatron.convert.hf_tokenizer import export_tokenizer
 
         vocab = export_tokenizer(tokenizer_path, output_dir, vocab_size=ckpt.config.model.vocab_size,

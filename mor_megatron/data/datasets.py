@@ -21,7 +21,7 @@ from mor_megatron.data.index_cache import stale_cache_entries
 from mor_megatron.data.index_check import (DamagedDataFile, IndexedDatasetSummary, check_indexed_dataset,
                                            read_num_documents)
 from mor_megatron.data.preprocess import read_meta
-from mor_megatron.data.tokenizer import file_sha256, resolve_tokenizer_model, tokenizer_vocab_size
+from mor_megatron.data.tokenizer import resolve_tokenizer, tokenizer_vocab_size
 
 if TYPE_CHECKING:
     import torch.utils.data
@@ -104,7 +104,7 @@ def num_samples_for(train: TrainConfig) -> tuple[int, int, int]:
 def check_data(data: DataConfig, vocab_size: int) -> list[IndexedDatasetSummary]:
     """Validate the data section against the model's ``vocab_size``; raises ``ConfigError`` naming the fix.
 
-    Checks: a tokenizer is set, exists and has at most ``vocab_size`` pieces; ``data.blend`` parses and
+    Checks: a tokenizer (SentencePiece or Hugging Face) is set, exists and has at most ``vocab_size`` ids; ``data.blend`` parses and
     names at least one prefix; each prefix has its ``.bin`` and ``.idx``, the two agree with each other and
     every token id lies below the tokenizer's size (:mod:`~mor_megatron.data.index_check`); a prefix
     tokenized by ``mor-data preprocess`` was tokenized with this same tokenizer (SHA-256 in
@@ -114,8 +114,8 @@ def check_data(data: DataConfig, vocab_size: int) -> list[IndexedDatasetSummary]
         raise ConfigError("data.tokenizer is not set; train one with `mor-data tokenizer --input CORPUS "
                           "--output-dir DIR --vocab-size N` and set data.tokenizer=DIR/tokenizer.model")
     try:
-        model_path = resolve_tokenizer_model(data.tokenizer)
-        tokenizer_vocab = tokenizer_vocab_size(model_path)
+        source = resolve_tokenizer(data.tokenizer)
+        tokenizer_vocab = tokenizer_vocab_size(source.path)
     except (FileNotFoundError, ValueError) as err:
         raise ConfigError(f"data.tokenizer={data.tokenizer!r}: {err}") from err
     if tokenizer_vocab > vocab_size:
@@ -126,10 +126,10 @@ def check_data(data: DataConfig, vocab_size: int) -> list[IndexedDatasetSummary]
     prefixes, _ = parse_blend(data.blend)
     if not prefixes:
         raise ConfigError("data.blend is empty; make a dataset with `mor-data preprocess --input FILES "
-                          f"--tokenizer {model_path} --output-prefix PREFIX` and set data.blend=[PREFIX]")
+                          f"--tokenizer {source.path} --output-prefix PREFIX` and set data.blend=[PREFIX]")
     if sum(float(part) for part in data.split.split(",")) <= 0:
         raise ConfigError(f"data.split={data.split!r} gives every split weight 0; use e.g. '969,30,1'")
-    tokenizer = _TokenizerFacts(model_path, file_sha256(model_path), tokenizer_vocab)
+    tokenizer = _TokenizerFacts(source.path, source.sha256(), tokenizer_vocab)
     summaries = []
     for prefix in prefixes:
         summaries.append(_check_prefix(prefix, tokenizer))
@@ -142,14 +142,14 @@ def check_data(data: DataConfig, vocab_size: int) -> list[IndexedDatasetSummary]
 class _TokenizerFacts:
     """The configured tokenizer as the prefix checks compare with it."""
 
-    model_path: Path
+    path: Path
     sha256: str
     vocab_size: int
 
     def remake(self, prefix: str, *, overwrite: bool, cache_dir: str | None = None) -> str:
         """The command that (re)writes ``prefix`` with this tokenizer, for error messages."""
         options = (" --overwrite" if overwrite else "") + (f" --cache-dir {cache_dir}" if cache_dir else "")
-        return (f"`mor-data preprocess --input FILES --tokenizer {self.model_path} --output-prefix {prefix}"
+        return (f"`mor-data preprocess --input FILES --tokenizer {self.path} --output-prefix {prefix}"
                 f"{options}`")
 
 
@@ -168,7 +168,7 @@ def _check_prefix(prefix: str, tokenizer: _TokenizerFacts) -> IndexedDatasetSumm
     if meta is not None and meta.get("tokenizer_sha256") != tokenizer.sha256:
         raise ConfigError(f"data.blend prefix {prefix!r} was tokenized with {meta.get('tokenizer')!r} "
                           f"({meta.get('vocab_size')} pieces), not data.tokenizer="
-                          f"{str(tokenizer.model_path)!r}; point data.tokenizer at that model, or {remake}")
+                          f"{str(tokenizer.path)!r}; point data.tokenizer at that model, or {remake}")
     try:
         return check_indexed_dataset(prefix, vocab_size=tokenizer.vocab_size,
                                      vocab_source=f"data.tokenizer has {tokenizer.vocab_size} pieces")

@@ -25,7 +25,7 @@ import numpy as np
 
 from mor_megatron.data.index_cache import remove_cache_entries
 from mor_megatron.data.readers import InputFile, TextUnit, count_records, iter_documents, resolve_inputs
-from mor_megatron.data.tokenizer import file_sha256, load_tokenizer, resolve_tokenizer_model
+from mor_megatron.data.tokenizer import load_tokenizer, resolve_tokenizer
 
 META_SUFFIX = ".meta.json"
 _BATCH_DOCS = 32
@@ -136,11 +136,11 @@ def preprocess(inputs: Sequence[str | Path], output_prefix: str | Path, *, token
     prefix = str(output_prefix)
     _refuse_existing_output(prefix, overwrite)
     files = resolve_inputs(inputs, json_key=json_key)
-    model_path = resolve_tokenizer_model(tokenizer)
+    source = resolve_tokenizer(tokenizer)
     # Imported after the checks above, so bad arguments are refused without loading megatron-core (seconds).
     from megatron.core.datasets.indexed_dataset import DType
 
-    vocab_size = load_tokenizer(model_path).vocab_size
+    vocab_size = load_tokenizer(source.path).vocab_size
     Path(prefix).parent.mkdir(parents=True, exist_ok=True)
     tmp_prefix = prefix + ".tmp"
     tmp_paths = [tmp_prefix + ".bin", tmp_prefix + ".idx", str(meta_path(tmp_prefix))]
@@ -148,13 +148,13 @@ def preprocess(inputs: Sequence[str | Path], output_prefix: str | Path, *, token
     start = time.perf_counter()
     try:
         num_records, num_documents, num_tokens = _write_dataset(
-            files, tmp_prefix, tokenizer_path=str(model_path), dtype=DType.optimal_dtype(vocab_size),
+            files, tmp_prefix, tokenizer_path=str(source.path), dtype=DType.optimal_dtype(vocab_size),
             workers=workers, json_key=json_key, text_unit=text_unit,
             progress=f"preprocess {Path(prefix).name}" if progress else None)
         if num_documents == 0:
             raise ValueError(f"inputs {[str(f.path) for f in files]} hold no non-empty documents "
                              f"(text field/column {json_key!r}, text unit {text_unit!r})")
-        record = {"tokenizer": str(model_path.resolve()), "tokenizer_sha256": file_sha256(model_path),
+        record = {"tokenizer": str(source.path.resolve()), "tokenizer_sha256": source.sha256(),
                   "vocab_size": vocab_size, "num_documents": num_documents, "num_tokens": num_tokens,
                   "inputs": [str(f.path) for f in files]}
         Path(tmp_paths[2]).write_text(json.dumps(record, indent=2) + "\n")

@@ -1,8 +1,16 @@
-"""Train a SentencePiece BPE tokenizer and load it as megatron-core's tokenizer object.
+"""Tokenizers: train a SentencePiece BPE, or use any Hugging Face tokenizer folder; load either as megatron-core's
+tokenizer object.
 
-Layout on disk (what ``data.tokenizer`` points at): ``DIR/tokenizer.model`` plus megatron-core's
-``DIR/tokenizer_metadata.json``. Special ids are fixed: unk 0, bos 1, eos 2 (the end-of-document token
-``tokenizer.eod`` that preprocessing appends), pad 3, so the pad id never collides with EOD in GPTDataset.
+``data.tokenizer`` (and ``--tokenizer``) names one of:
+
+* a SentencePiece model: ``DIR/tokenizer.model`` (or the file), as ``mor-data tokenizer`` writes it with
+  megatron-core's ``DIR/tokenizer_metadata.json``. Its special ids are unk 0, bos 1, eos 2 (the end-of-document
+  token ``tokenizer.eod`` that preprocessing appends), pad 3;
+* a Hugging Face tokenizer folder: ``tokenizer.json`` and/or ``tokenizer_config.json`` (any ``AutoTokenizer``
+  folder, loaded offline), e.g. SmolLM's GPT-2-style BPE with ``<|endoftext|>`` at id 0 or a Llama model's own
+  tokenizer. Ids, EOD (its EOS token) and pad come from the tokenizer itself.
+
+A folder holding both (e.g. a Hugging Face export with ``tokenizer.model``) is read as the Hugging Face tokenizer.
 
 Training keeps whitespace and newlines verbatim (identity normalization, no whitespace folding), so code
 indentation survives a tokenize/detokenize round trip, and uses byte fallback, so no text maps to unk.
@@ -16,8 +24,9 @@ import os
 import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from mor_megatron.data.readers import TextUnit, count_records, iter_documents, resolve_inputs
 
@@ -26,31 +35,97 @@ if TYPE_CHECKING:
 
 TOKENIZER_MODEL_NAME = "tokenizer.model"
 METADATA_NAME = "tokenizer_metadata.json"
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                      "merges.txt", "added_tokens.json", "tokenizer.model")
+"""The files of a Hugging Face tokenizer folder that define its ids (fingerprinted, exported unchanged)."""
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
 NUM_BYTE_PIECES = 256
 
 
-def resolve_tokenizer_model(path: str | Path) -> Path:
-    """``path`` if it is a file, else ``path/tokenizer.model``; ``FileNotFoundError`` if that is absent."""
+@dataclass(frozen=True)
+class TokenizerSource:
+    """Where a tokenizer lives: a SentencePiece model file, or a Hugging Face tokenizer folder."""
+
+    library: Literal["sentencepiece", "huggingface"]
+    path: Path
+
+    @property
+    def files(self) -> list[Path]:
+        """The files whose bytes define the token ids."""
+        if self.library == "sentencepiece":
+            return [self.path]
+        return [self.path / name for name in HF_TOKENIZER_FILES if (self.path / name).is_file()]
+
+    def sha256(self) -> str:
+        """Hex SHA-256 identifying the tokenizer (of the model file; for a folder, of its id-defining files)."""
+        if self.library == "sentencepiece":
+            return file_sha256(self.path)
+        digest = hashlib.sha256()
+        for path in self.files:
+            digest.update(path.name.encode() + b"\0" + file_sha256(path).encode())
+        return digest.hexdigest()
+
+
+def resolve_tokenizer(path: str | Path) -> TokenizerSource:
+    """The tokenizer at ``path`` (see the module docstring); ``FileNotFoundError`` naming what is missing."""
     path = Path(path)
+    folder = path if path.is_dir() else path.parent if path.name in HF_TOKENIZER_FILES[:2] else None
+    if folder is not None and any((folder / name).is_file() for name in HF_TOKENIZER_FILES[:2]):
+        return TokenizerSource("huggingface", folder)
     model = path / TOKENIZER_MODEL_NAME if path.is_dir() else path
     if not model.is_file():
-        raise FileNotFoundError(f"tokenizer model {str(model)!r} does not exist; train one with "
-                                f"`mor-data tokenizer --input CORPUS --output-dir {model.parent}`")
-    return model
+        raise FileNotFoundError(f"tokenizer {str(path)!r} does not exist or holds neither tokenizer.model "
+                                "(SentencePiece) nor tokenizer.json / tokenizer_config.json (Hugging Face); "
+                                f"train one with `mor-data tokenizer --input CORPUS --output-dir {model.parent}`")
+    return TokenizerSource("sentencepiece", model)
+
+
+def resolve_tokenizer_model(path: str | Path) -> Path:
+    """The SentencePiece model file at ``path`` (the file, or ``path/tokenizer.model``)."""
+    source = resolve_tokenizer(path)
+    if source.library != "sentencepiece":
+        raise ValueError(f"{str(path)!r} is a Hugging Face tokenizer folder, not a SentencePiece model")
+    return source.path
 
 
 def tokenizer_vocab_size(path: str | Path) -> int:
-    """Vocabulary size of a SentencePiece model, read without importing megatron-core or torch."""
+    """Number of token ids (added tokens included) of the tokenizer at ``path``, without megatron-core or torch."""
+    source = resolve_tokenizer(path)
+    if source.library == "huggingface":
+        return len(_hf_tokenizer(source.path))
     import sentencepiece
 
-    model = resolve_tokenizer_model(path)
     processor = sentencepiece.SentencePieceProcessor()
     try:
-        processor.Load(str(model))
+        processor.Load(str(source.path))
     except (OSError, RuntimeError) as err:
-        raise ValueError(f"{str(model)!r} is not a SentencePiece model: {err}") from err
+        raise ValueError(f"{str(source.path)!r} is not a SentencePiece model: {err}") from err
     return processor.get_piece_size()
+
+
+def special_token_ids(path: str | Path) -> dict[str, int | None]:
+    """``bos_token_id``, ``eos_token_id`` and ``pad_token_id`` of the tokenizer at ``path`` (None: it has none).
+
+    A Hugging Face tokenizer without a pad token pads with its EOS (what generation does anyway).
+    """
+    source = resolve_tokenizer(path)
+    if source.library == "sentencepiece":
+        return {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID}
+    tokenizer = _hf_tokenizer(source.path)
+    eos = tokenizer.eos_token_id
+    return {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": eos,
+            "pad_token_id": eos if tokenizer.pad_token_id is None else tokenizer.pad_token_id}
+
+
+def _hf_tokenizer(folder: Path):
+    """``AutoTokenizer`` of a local folder, offline; ``ValueError`` when transformers cannot load it."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError, TypeError) as err:
+        raise ValueError(f"{str(folder)!r} is not a Hugging Face tokenizer folder transformers can load "
+                         f"offline: {err}") from err
 
 
 def file_sha256(path: str | Path) -> str:
@@ -165,15 +240,26 @@ def _write_metadata(model_path: Path) -> None:
 
 
 def load_tokenizer(path: str | Path) -> MegatronTokenizerBase:
-    """megatron-core's tokenizer (a ``GPTTokenizer``) for a SentencePiece model file or its directory.
+    """megatron-core's tokenizer (a ``GPTTokenizer``) for the tokenizer at ``path``.
 
-    Writes ``tokenizer_metadata.json`` beside the model when it is missing, so a SentencePiece model
-    trained elsewhere loads too. The object has ``tokenize``, ``detokenize``, ``vocab_size``, ``eod``,
-    ``pad``.
+    SentencePiece: writes ``tokenizer_metadata.json`` beside the model when it is missing, so a model trained
+    elsewhere loads too. Hugging Face: nothing is written into the folder (it may be a read-only cache). The
+    object has ``tokenize`` (no BOS added), ``detokenize``, ``vocab_size``, ``eod`` (the EOS id), ``pad``.
     """
     from megatron.core.tokenizers import MegatronTokenizer
 
-    model_path = resolve_tokenizer_model(path)
-    if not (model_path.parent / METADATA_NAME).is_file():
-        _write_metadata(model_path)
-    return MegatronTokenizer.from_pretrained(tokenizer_path=str(model_path))
+    source = resolve_tokenizer(path)
+    if source.library == "huggingface":
+        hf = _hf_tokenizer(source.path)  # a clear error for a folder transformers cannot load
+        if hf.eos_token is None:
+            raise ValueError(f"Hugging Face tokenizer {str(source.path)!r} has no EOS token, which ends every "
+                             "document in preprocessing; set eos_token in its tokenizer_config.json")
+        # Without a pad token megatron's datasets would pad with None; padding with EOS makes them see the
+        # collision and pad with -1 (never a real id, so no EOD loses its loss).
+        extra = {} if hf.pad_token is not None else {"pad_token": hf.eos_token}
+        return MegatronTokenizer.from_pretrained(tokenizer_path=str(source.path),
+                                                 metadata_path={"library": "huggingface", "model_type": "gpt"},
+                                                 **extra)
+    if not (source.path.parent / METADATA_NAME).is_file():
+        _write_metadata(source.path)
+    return MegatronTokenizer.from_pretrained(tokenizer_path=str(source.path))

@@ -21,6 +21,7 @@ from mor_megatron.data.datasets import (PretrainingSampler, build_data_loader, b
 from mor_megatron.data.preprocess import meta_path, preprocess, read_meta
 from mor_megatron.data.tokenizer import (EOS_ID, PAD_ID, load_tokenizer, tokenizer_vocab_size,
                                          train_tokenizer)
+from tests.bpe import byte_level_bpe
 
 VOCAB = 300
 CODE = 'def f(x):\n    """Doc."""\n\n    return x  +  1\n'
@@ -124,6 +125,38 @@ def test_tokenizer_training_shows_progress_and_the_same_model(tmp_path, corpus, 
     assert "tokenizer: reading: 100%" in err and f"{documents}/{documents}" in err
     assert re.search(rf"tokenizer: learning {VOCAB} BPE pieces from \d+ of \d+ text chunks", err)
     assert f"tokenizer: {model} written in" in err
+
+
+def test_hf_tokenizer_folder_ids_come_from_the_tokenizer(tmp_path, corpus, prefix, tokenizer_model):
+    from mor_megatron.data.tokenizer import resolve_tokenizer, special_token_ids
+
+    folder = byte_level_bpe(_corpus_texts(corpus), tmp_path / "hf", 320)
+    (folder / "tokenizer.model").write_bytes(tokenizer_model.read_bytes())  # an export holds both: HF wins
+    for path in (folder, folder / "tokenizer.json"):
+        assert resolve_tokenizer(path).library == "huggingface"
+    tokenizer = load_tokenizer(folder)
+    assert (tokenizer.vocab_size, tokenizer.eod, tokenizer.pad) == (320, 0, 0)  # no pad token: pads with EOS
+    assert tokenizer.detokenize(tokenizer.tokenize(CODE)) == CODE
+    assert special_token_ids(folder) == {"bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0}
+    assert special_token_ids(tokenizer_model) == {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3}
+    assert tokenizer_vocab_size(folder) == 320
+
+    hf_prefix = preprocess([corpus], tmp_path / "hf_text", tokenizer=folder, progress=False).prefix
+    config = _data_config(hf_prefix, folder, tmp_path)
+    check_data(config, vocab_size=320)
+    with pytest.raises(ConfigError, match="has 320 pieces but model.vocab_size=300"):
+        check_data(config, vocab_size=300)
+    with pytest.raises(ConfigError, match="was tokenized with"):  # the SentencePiece dataset, this tokenizer
+        check_data(_data_config(prefix, folder, tmp_path), vocab_size=320)
+    config_json = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config_json, "eos_token": "<|im_end|>"}))
+    with pytest.raises(ConfigError, match="was tokenized with"):  # another EOS is another tokenizer
+        check_data(config, vocab_size=320)
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config_json, "eos_token": None}))
+    with pytest.raises(ValueError, match="has no EOS token"):
+        load_tokenizer(folder)
+    with pytest.raises(FileNotFoundError, match="neither tokenizer.model"):
+        resolve_tokenizer(tmp_path / "nothing_here")
 
 
 def test_load_tokenizer_writes_missing_metadata(tmp_path, tokenizer_model):
