@@ -186,10 +186,16 @@ class DataConfig:
     """Dataset prefixes, optionally weighted: ["0.7", "path/a", "0.3", "path/b"] or ["path/a", "path/b"]."""
     split: str = "969,30,1"
     tokenizer: str | None = None
-    """Path to a SentencePiece model (tokenizer_metadata.json beside it is written when missing)."""
+    """A SentencePiece model (file or folder) or a Hugging Face tokenizer folder (data/tokenizer.py)."""
     cache_dir: str | None = None
     num_workers: int = 0
     seed: int = 1234
+    reset_attention_mask: bool = False
+    """Document masking (Megatron-LM's name): a token attends only within its own document of a packed sample."""
+    reset_position_ids: bool = False
+    """Positions (RoPE) restart at 0 after each end-of-document token."""
+    eod_mask_loss: bool = False
+    """No loss on predicting the token after an end-of-document token (the next document's first token)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.blend, list):
@@ -681,6 +687,10 @@ def validate(config: JobConfig, world_size: int | None = None) -> None:
                  f"the shared block has {layout.num_shared} layers, which parallel.pipeline_parallel_size={pp} "
                  "cannot split evenly (each pipeline rank holds one slice of it); change model.num_layers or the "
                  "pipeline size")
+        # Stages between the first and the last get no batch, so they would have neither mask nor positions.
+        _require(not (config.data.reset_attention_mask or config.data.reset_position_ids),
+                 "data.reset_attention_mask / data.reset_position_ids are not supported with pipeline parallelism "
+                 "yet (middle stages receive no batch); set them false or parallel.pipeline_parallel_size=1")
     _require(config.seq_length <= model.max_seq_length,
              f"train.seq_length={config.seq_length} exceeds model.max_seq_length={model.max_seq_length}")
     _require(config.optim.warmup_steps < train.train_steps,

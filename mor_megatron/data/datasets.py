@@ -188,8 +188,8 @@ def _check_no_stale_cache(prefix: str, cache_dir: str | None, tokenizer: _Tokeni
 
 
 def build_gpt_datasets(data: DataConfig, *, seq_length: int, num_samples: tuple[int, int, int],
-                       tokenizer: Any, is_built_on_rank: Callable[[], bool] | None = None,
-                       create_attention_mask: bool = False) -> tuple[Any, Any, Any]:
+                       tokenizer: Any, is_built_on_rank: Callable[[], bool] | None = None
+                       ) -> tuple[Any, Any, Any]:
     """(train, valid, test) megatron-core datasets for ``data.blend`` split by ``data.split``.
 
     ``tokenizer``: megatron-core's tokenizer (:func:`mor_megatron.data.tokenizer.load_tokenizer`); its
@@ -199,8 +199,9 @@ def build_gpt_datasets(data: DataConfig, *, seq_length: int, num_samples: tuple[
     ``data.cache_dir`` (megatron-core's default: ``<prefix>/cache/``). A split with weight 0 is None.
 
     Each sample is a dict of ``tokens`` [s] int64, ``labels`` [s] int64, ``loss_mask`` [s] float,
-    ``position_ids`` [s] int64 (+ ``attention_mask`` [1, s, s] bool, True = masked, when
-    ``create_attention_mask``; models with a causal mask type do not need it). Blends add ``dataset_id``.
+    ``position_ids`` [s] int64 (restarting after each EOD with ``data.reset_position_ids``), + ``attention_mask``
+    [1, s, s] bool, True = masked, with ``data.reset_attention_mask`` (document masking; plain causal training
+    needs none). ``data.eod_mask_loss`` zeroes the loss where the input token is EOD. Blends add ``dataset_id``.
     """
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
@@ -215,8 +216,9 @@ def build_gpt_datasets(data: DataConfig, *, seq_length: int, num_samples: tuple[
         _check_split_documents(prefix, data.split)
     config = GPTDatasetConfig(
         random_seed=data.seed, sequence_length=seq_length, blend=(prefixes, weights), split=data.split,
-        tokenizer=tokenizer, path_to_cache=data.cache_dir, reset_position_ids=False,
-        reset_attention_mask=False, eod_mask_loss=False, create_attention_mask=create_attention_mask)
+        tokenizer=tokenizer, path_to_cache=data.cache_dir, reset_position_ids=data.reset_position_ids,
+        reset_attention_mask=data.reset_attention_mask, eod_mask_loss=data.eod_mask_loss,
+        create_attention_mask=data.reset_attention_mask)
     builder = _builder_class()(GPTDataset, list(num_samples), is_built_on_rank or (lambda: True), config)
     train, valid, test = builder.build()
     return train, valid, test

@@ -188,9 +188,8 @@ class ActiveTokens:
         return torch.gather(values, 1, index.expand(-1, -1, *values.shape[2:]))
 
     def gather_rotary(self, rotary_pos_emb: Tensor) -> Tensor:
-        """RoPE frequencies ``[s, 1, 1, d]`` -> ``[k, b, 1, d]`` at each active token's original position."""
-        freqs = rotary_pos_emb[:, 0, 0, :]
-        return freqs[self.index].transpose(0, 1).unsqueeze(2)
+        """RoPE frequencies ``[s, 1 | b, 1, d]`` -> ``[k, b, 1, d]`` at each active token's original position."""
+        return self.gather(rotary_pos_emb.expand(-1, self.index.shape[0], -1, -1))
 
     def scatter(self, hidden: Tensor, update: Tensor) -> Tensor:
         """Out-of-place write of ``update`` ``[k, b, h]`` into ``hidden`` ``[s, b, h]`` at the active positions.

@@ -289,11 +289,32 @@ def test_gpt_datasets_split_without_process_group(tmp_path, prefix, tokenizer_mo
 
 def test_weighted_blend_builds_blended_dataset(tmp_path, prefix, tokenizer_model, tokenizer):
     data = _data_config(prefix, tokenizer_model, tmp_path, blend=("0.7", prefix, "0.3", prefix))
-    train, _, _ = build_gpt_datasets(data, seq_length=16, num_samples=(50, 4, 4), tokenizer=tokenizer,
-                                     create_attention_mask=True)
+    train, _, _ = build_gpt_datasets(data, seq_length=16, num_samples=(50, 4, 4), tokenizer=tokenizer)
     assert type(train).__name__ == "BlendedDataset" and len(train) == 50
-    sample = train[3]
-    assert int(sample["dataset_id"]) in (0, 1) and sample["attention_mask"].shape == (1, 16, 16)
+    assert int(train[3]["dataset_id"]) in (0, 1)
+
+
+def test_document_masking_flags_reach_the_samples(tmp_path, tokenizer_model, tokenizer):
+    """reset_attention_mask / reset_position_ids / eod_mask_loss as Megatron-LM defines them, on packed docs."""
+    docs = tmp_path / "short.jsonl"
+    docs.write_text("".join(json.dumps({"text": f"x = {i}\n"}) + "\n" for i in range(40)))
+    short = preprocess([docs], tmp_path / "short", tokenizer=tokenizer_model, progress=False).prefix
+    data = _data_config(short, tokenizer_model, tmp_path, split="1,0,0", reset_attention_mask=True,
+                        reset_position_ids=True, eod_mask_loss=True)
+    train, _, _ = build_gpt_datasets(data, seq_length=24, num_samples=(4, 0, 0), tokenizer=tokenizer)
+    sample = train[0]
+    tokens, positions, mask = sample["tokens"], sample["position_ids"], sample["attention_mask"][0]
+    ends = (tokens == tokenizer.eod).nonzero().flatten().tolist()
+    assert len(ends) >= 2, "the sample must pack several documents"
+    document = torch.zeros(24, dtype=torch.long)
+    for end in ends:
+        document[end + 1:] += 1
+    causal_same_document = (document[:, None] == document[None, :]) & torch.ones(24, 24, dtype=torch.bool).tril()
+    assert torch.equal(mask, ~causal_same_document)
+    for i in range(24):
+        start = max([end + 1 for end in ends if end < i], default=0)
+        assert positions[i] == i - start, f"position {i} restarts after the previous EOD"
+    assert torch.equal(sample["loss_mask"] == 0, tokens == tokenizer.eod)
 
 
 def test_split_document_counts_match_megatron():
