@@ -20,6 +20,7 @@ from mor_megatron.cli.quiet import silence_known_warnings
 
 if TYPE_CHECKING:
     from mor_megatron.data.index_check import IndexedDatasetSummary
+    from mor_megatron.training.trainer import EngineFactory
 
 
 def build_parser(prog: str, description: str, check_help: str) -> argparse.ArgumentParser:
@@ -64,37 +65,33 @@ def launcher_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
 
 
-def run_job(prog: str, config, ctx, engine_factory) -> int:
-    """:func:`run_training`; returns the exit status: 2 with one line (rank 0) when the checkpoint refuses the
-    resume (locked save_dir, damaged checkpoint, changed model config), which only a person can resolve."""
-    from mor_megatron.training.checkpoint import CheckpointError
-    from mor_megatron.training.resume_config import ConfigChangedOnResume
+def run_job(prog: str, config: JobConfig, engine_factory: EngineFactory, *,
+            virtual_pipeline_size: int | None = None) -> int:
+    """One job on this rank: process groups, the training loop on ``engine_factory``'s engine, teardown of all
+    three. Exit status 2 with one line (rank 0) when the checkpoint refuses the resume (locked save_dir, damaged
+    checkpoint, changed model config), which only a person can resolve."""
+    from mor_megatron.checkpoint.errors import CheckpointError
+    from mor_megatron.checkpoint.resume_config import ConfigChangedOnResume
+    from mor_megatron.runtime import destroy_distributed, init_distributed
+    from mor_megatron.training.trainer import Trainer
 
+    ctx = init_distributed(config.parallel, seed=config.train.seed, virtual_pipeline_size=virtual_pipeline_size)
+    failed = True
     try:
-        run_training(config, ctx, engine_factory)
+        trainer = Trainer(config, ctx, engine_factory)
+        try:
+            trainer.build()
+            trainer.train()
+            failed = False
+        finally:
+            trainer.close(failed=failed)
     except (CheckpointError, ConfigChangedOnResume) as err:
         if ctx.rank == 0:
             print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
-    return 0
-
-
-def run_training(config, ctx, engine_factory) -> None:
-    """Build and run the shared training loop with ``engine_factory``; always close tracking and the engine."""
-    from mor_megatron.training.trainer import Trainer
-
-    trainer = Trainer(config, ctx, engine_factory)
-    failed = True
-    try:
-        trainer.build()
-        trainer.train()
-        failed = False
     finally:
-        trainer.close(failed=failed)
-        # Engines that hold process-wide state (DeepSpeed's ZeRO-3 hooks) release it here.
-        release = getattr(getattr(trainer, "engine", None), "destroy", None)
-        if release is not None:
-            release()
+        destroy_distributed()
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,15 +115,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from mor_megatron.model.builder import virtual_pipeline_size
-    from mor_megatron.runtime import destroy_distributed, init_distributed
     from mor_megatron.training.megatron_engine import MegatronEngine
 
-    ctx = init_distributed(config.parallel, seed=config.train.seed,
-                           virtual_pipeline_size=virtual_pipeline_size(config.recursion, config.parallel))
-    try:
-        return run_job("mor-pretrain", config, ctx, MegatronEngine)
-    finally:
-        destroy_distributed()
+    return run_job("mor-pretrain", config, MegatronEngine,
+                   virtual_pipeline_size=virtual_pipeline_size(config.recursion, config.parallel))
 
 
 if __name__ == "__main__":

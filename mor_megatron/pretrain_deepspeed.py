@@ -52,14 +52,9 @@ def main(argv: list[str] | None = None) -> int:
         print_check_report("mor-pretrain-deepspeed", "config, DeepSpeed JSON and data", data_summaries)
         return 0
 
-    from mor_megatron.runtime import destroy_distributed, init_distributed
     from mor_megatron.training.deepspeed_engine import DeepSpeedEngine
 
-    ctx = init_distributed(config.parallel, seed=config.train.seed)
-    try:
-        return run_job("mor-pretrain-deepspeed", config, ctx, DeepSpeedEngine)
-    finally:
-        destroy_distributed()
+    return run_job("mor-pretrain-deepspeed", config, DeepSpeedEngine)
 
 
 if __name__ == "__main__":

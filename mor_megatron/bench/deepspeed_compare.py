@@ -157,8 +157,7 @@ def _measure(rank: int, world_size: int, args: argparse.Namespace, variant: str,
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline  # ru_maxrss: KiB on Linux
     memory = torch.tensor([float(_tensor_state_bytes()), float(peak)], dtype=torch.float64, device=ctx.device)
     dist.all_reduce(memory, op=dist.ReduceOp.MAX)
-    if variant != "megatron":
-        engine.destroy()
+    engine.close()
     return asdict(VariantResult(step_s=statistics.median(times), state_bytes=int(memory[0]),
                                 peak_bytes=int(memory[1]), final_loss=loss))
 

@@ -55,7 +55,7 @@ from torch import Tensor
 from mor_megatron.bench.model_step import bench_model_config, build_bench_model, synchronize, vanilla_of_same_depth
 from mor_megatron.config import CoreAttention
 from mor_megatron.model.flops import flops_per_token
-from mor_megatron.training.metrics import peak_flops_per_device
+from mor_megatron.tracking.metrics import peak_flops_per_device
 
 MIB = 2**20
 MEMORY_METHOD = {

@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     import requests
     from mlflow.exceptions import MlflowException
 
-    from mor_megatron.training.tracking_replay import replay
+    from mor_megatron.tracking.replay import replay
 
     jsonl = args.jsonl or args.run_dir / "metrics.jsonl"
     try:

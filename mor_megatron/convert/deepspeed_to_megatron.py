@@ -3,12 +3,11 @@
     python -m mor_megatron.convert.deepspeed_to_megatron DS_CKPT OUT_DIR
     # DS_CKPT: a DeepSpeed save_dir (its ``latest``) or one step_XXXXXXXX folder of it
 
-What comes out: ``OUT_DIR/step_<N>/`` + ``OUT_DIR/latest`` in the layout of
-:class:`mor_megatron.training.checkpoint.Checkpointer` (the same step, loop state and job config; model weights
-in fp32; no optimizer or scheduler state), written by that class itself. Its tensors are global, so it loads at
-any TP/PP layout: ``Checkpointer.load(model_chunks=..., optimizer=None, scheduler=None)`` (evaluation,
-sampling) and the Hugging Face exporter read it. Continuing *training* from it on the Megatron path needs a
-fresh optimizer, which the Megatron resume does not do yet.
+What comes out: ``OUT_DIR/step_<N>/`` + ``OUT_DIR/latest``, a weights-only checkpoint written by
+:class:`mor_megatron.checkpoint.megatron.Checkpointer` itself (the same step, loop state and job config; model
+weights in fp32; no optimizer state; the LR schedule's step). Its tensors are global, so it loads at any TP/PP
+layout: for evaluation and sampling, for the Hugging Face exporter, and to continue training on the Megatron
+path, with a fresh optimizer and the LR schedule going on from step N.
 
 How the weights are recovered. Per tensor-parallel rank ``t`` the fp32 master weights are rebuilt from the
 ZeRO partitions of all data-parallel ranks with DeepSpeed's own ``zero_to_fp32`` functions (pure torch, no extra
@@ -32,7 +31,7 @@ import torch
 
 from mor_megatron.convert import ConversionError
 from mor_megatron.convert.output_guard import refuse_output_overlapping_checkpoint
-from mor_megatron.training.deepspeed_checkpoint import read_meta, resolve_step_dir
+from mor_megatron.checkpoint.deepspeed import read_meta, resolve_step_dir
 
 _BF16_WRAPPER_PREFIX = "module."  # Float16Module around the model when the job trained in bf16
 
@@ -73,7 +72,9 @@ def _convert_rank(rank: int, world_size: int, step_dir: str, out_dir: str, rende
     from mor_megatron.config import config_from_dict
     from mor_megatron.model.builder import build_model, transformer_config
     from mor_megatron.runtime import destroy_distributed, init_distributed
-    from mor_megatron.training.checkpoint import Checkpointer, CheckpointError, LoopState
+    from mor_megatron.checkpoint.errors import CheckpointError
+    from mor_megatron.checkpoint.loop_state import LoopState
+    from mor_megatron.checkpoint.megatron import Checkpointer
 
     meta = read_meta(Path(step_dir))
     config = config_from_dict(meta["config"])
@@ -97,7 +98,8 @@ def _convert_rank(rank: int, world_size: int, step_dir: str, out_dir: str, rende
         # keep_last: never purge other checkpoints that OUT_DIR may already hold.
         checkpointer = Checkpointer(save_dir=out_dir, load_dir=None, keep_last=sys.maxsize, ctx=ctx)
         checkpointer.save(meta["step"], model_chunks=[model], optimizer=None, scheduler=None,
-                          loop=LoopState(**meta["loop"]), config_dict=meta["config"])
+                          loop=LoopState(**meta["loop"]), config_dict=meta["config"],
+                          source={"deepspeed_checkpoint": str(Path(step_dir).resolve())})
     finally:
         destroy_distributed()
 
@@ -114,7 +116,7 @@ def convert(ds_checkpoint: str | Path, out_dir: str | Path) -> Path:
             is or contains its run folder.
         RuntimeError: a conversion process failed.
     """
-    from mor_megatron.training.checkpoint import step_dir_name
+    from mor_megatron.checkpoint.layout import step_dir_name
 
     step_dir = resolve_step_dir(ds_checkpoint)
     refuse_output_overlapping_checkpoint(out_dir, step_dir)
@@ -148,7 +150,7 @@ def _spawn(world_size: int, step_dir: str, out_dir: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Command line: ``DS_CKPT OUT_DIR``; prints the new step folder. Exit status 2 on a bad checkpoint."""
-    from mor_megatron.training.checkpoint import CheckpointError
+    from mor_megatron.checkpoint.errors import CheckpointError
 
     parser = argparse.ArgumentParser(prog="deepspeed-to-megatron", description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", metavar="DS_CKPT",

@@ -16,9 +16,9 @@ Relaxed Recursive Transformers initialisation of shared layer ``j`` (over that l
 * ``lower``: ``V[P + j]`` (the first middle layers); ``upper``: ``V[L' - E - B + j]`` (the last ones).
 
 Edge layers, embeddings, final norm and LM head are copied; routers start from their normal initialisation.
-The result is a weights-only checkpoint (``step_00000000`` + ``latest``, see
-:func:`mor_megatron.convert.megatron_ckpt.write_weights_only`) plus ``config.yaml``, the job config to train
-it with.
+The result is a weights-only checkpoint at step 0 (``step_00000000`` + ``latest``, written by the trainer's
+:class:`~mor_megatron.checkpoint.megatron.Checkpointer`) plus ``config.yaml``, the job config to train it with;
+its ``data.tokenizer`` is the model's own tokenizer when the folder has one (ids need no mapping).
 """
 
 from __future__ import annotations
@@ -31,12 +31,14 @@ from typing import Any, Literal, get_args
 import numpy as np
 import torch
 
+from mor_megatron.checkpoint.loop_state import LoopState
+from mor_megatron.checkpoint.megatron import Checkpointer
 from mor_megatron.config import (ConfigError, JobConfig, config_from_dict, config_to_dict, dump_config,
                                   layer_layout, parse_overrides, validate)
 from mor_megatron.config import preset as preset_sections
 from mor_megatron.convert import ConversionError
 from mor_megatron.convert.hf_keys import hf_to_megatron
-from mor_megatron.convert.megatron_ckpt import lone_process_group, write_weights_only
+from mor_megatron.convert.megatron_ckpt import lone_process_group
 from mor_megatron.convert.output_guard import refuse_output_overlapping
 from mor_megatron.convert.to_hf import attention_shape, check_tensors
 
@@ -112,9 +114,15 @@ def read_llama_weights(llama_dir: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def job_config(hf_cfg: dict[str, Any], preset: str, overrides: list[str]) -> JobConfig:
-    """Preset recursion + HF model shape + ``overrides`` -> a validated job config (unrolled depth fitted)."""
+def job_config(hf_cfg: dict[str, Any], preset: str, overrides: list[str],
+               tokenizer: Path | None = None) -> JobConfig:
+    """Preset recursion + HF model shape + ``overrides`` -> a validated job config (unrolled depth fitted).
+
+    ``tokenizer``: the model's own tokenizer, ``data.tokenizer`` unless an override names another.
+    """
     tree = parse_overrides(overrides)
+    if tokenizer is not None:
+        tree["data"] = {"tokenizer": str(tokenizer), **tree.get("data", {})}
     clashes = sorted(set(tree.get("model", {})) & set(_ARCH_FIELDS))
     if clashes or "preset" in tree:
         raise ConversionError(f"overrides may not set {['model.' + c for c in clashes] or ['preset']}: the "
@@ -209,7 +217,8 @@ def from_hf(llama_dir: str | Path, output_dir: str | Path, *, preset: str, init:
         preset: a ``mor_megatron.config`` preset name; its recursion section is used.
         init: shared-block initialisation (stepwise, average, lower, upper).
         overrides: dotted config overrides (``recursion.kv_mode=shared``, ``data.tokenizer=...``); the model
-            shape fields are taken from the HF config and cannot be overridden.
+            shape fields are taken from the HF config and cannot be overridden. ``data.tokenizer`` defaults to
+            the model's own tokenizer when its folder has one, so data preprocessed with it up-trains as is.
         seed: seed of the router initialisation.
 
     Raises:
@@ -223,21 +232,32 @@ def from_hf(llama_dir: str | Path, output_dir: str | Path, *, preset: str, init:
     if output_dir.exists() and any(output_dir.iterdir()):
         raise ConversionError(f"output folder {str(output_dir)!r} is not empty; choose a new folder")
     hf_cfg = read_llama_config(llama_dir)
-    config = job_config(hf_cfg, preset, list(overrides or []))
+    config = job_config(hf_cfg, preset, list(overrides or []), _own_tokenizer(llama_dir))
     hf_tensors = _drop_derived(read_llama_weights(llama_dir), config.model.tie_embeddings)
     plan = unique_layer_sources(config, hf_cfg["num_hidden_layers"], init)
     megatron = hf_to_megatron(unique_layer_tensors(hf_tensors, plan), attention_shape(config))
-    with lone_process_group() as pg_collection:
-        model = _build_model(config, pg_collection, seed)
+    with lone_process_group() as ctx:
+        model = _build_model(config, ctx.pg_collection, seed)
         _load_into(model, megatron, config, llama_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
         source = {"hf_model": str(llama_dir.resolve()), "preset": preset, "init": init,
                   "source_layers": {name: layers for name, layers in plan.items()}}
-        step_dir = write_weights_only(model, output_dir, config_dict=config_to_dict(config), source=source)
+        step_dir = Checkpointer(save_dir=str(output_dir), load_dir=None, keep_last=1, ctx=ctx).save(
+            0, model_chunks=[model], optimizer=None, scheduler=None, loop=LoopState(),
+            config_dict=config_to_dict(config), source=source)
     (output_dir / "config.yaml").write_text(dump_config(config))
     return ImportSummary(output_dir=str(output_dir), checkpoint=str(step_dir), preset=preset, init=init,
                          num_source_layers=hf_cfg["num_hidden_layers"], num_layers=config.model.num_layers,
                          source_layers=plan)
+
+
+def _own_tokenizer(llama_dir: Path) -> Path | None:
+    """The tokenizer folder that came with the model (its ids are the embedding rows), if it has one."""
+    from mor_megatron.data.tokenizer import resolve_tokenizer
+
+    try:
+        return resolve_tokenizer(llama_dir).path.resolve()
+    except FileNotFoundError:
+        return None
 
 
 def _build_model(config: JobConfig, pg_collection, seed: int):

@@ -3,16 +3,13 @@
 Reading: a checkpoint's tensors are global (un-sharded) in ``dist_checkpointing``'s storage, which is torch's
 distributed-checkpoint format, so one process loads any TP/PP/DP layout as plain tensors with torch alone.
 Only the model's tensors are read (optimizer state is skipped), and the job config comes from the common
-state the trainer writes.
-
-Writing: :func:`write_weights_only` publishes a model-only checkpoint in the trainer's step-folder layout
-(``step_00000000/`` + ``latest``) with loop state step 0 and a ``weights_only`` marker in its common state.
+state the trainer writes. Conversions write with the trainer's own
+:class:`~mor_megatron.checkpoint.megatron.Checkpointer` (weights only) in :func:`lone_process_group`.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,14 +22,10 @@ import torch.distributed as dist
 
 from mor_megatron.config import ConfigError, JobConfig, ParallelConfig, config_from_dict
 from mor_megatron.convert import ConversionError
-from mor_megatron.training.checkpoint import (
-    CHECKPOINT_READ_ERRORS,
-    LATEST_FILE,
-    LoopState,
-    find_latest_step,
-    step_dir_name,
-)
-from mor_megatron.training.checkpoint_integrity import verify_manifest, write_manifest
+from mor_megatron.checkpoint.errors import CHECKPOINT_READ_ERRORS
+from mor_megatron.checkpoint.integrity import verify_manifest
+from mor_megatron.checkpoint.layout import find_latest_step, step_dir_name
+from mor_megatron.checkpoint.megatron import COMPLETE_MARKER
 
 _MODEL_ROOTS = ("embedding", "decoder", "output_layer")
 _ANCHOR = "embedding.word_embeddings.weight"
@@ -57,7 +50,7 @@ class MegatronCheckpoint:
 
 @contextmanager
 def lone_process_group() -> Iterator[Any]:
-    """A 1-rank job with megatron-core model-parallel state; yields its ``pg_collection``.
+    """A 1-rank job with megatron-core model-parallel state; yields its ``DistributedContext``.
 
     Reuses a 1-rank default process group when one exists (e.g. a test launcher's) and leaves it in place;
     otherwise creates a lone gloo group and destroys it on exit.
@@ -78,7 +71,7 @@ def lone_process_group() -> Iterator[Any]:
     except RuntimeError as err:
         raise ConversionError(f"cannot set up the conversion process: {err}") from err
     try:
-        yield ctx.pg_collection
+        yield ctx
     finally:
         destroy_distributed(keep_process_group=not owns_group)
 
@@ -92,13 +85,13 @@ def resolve_step_dir(path: str | Path) -> Path:
     path = Path(path)
     if not path.is_dir():
         raise ConversionError(f"checkpoint {str(path)!r} does not exist or is not a folder")
-    if (path / "metadata.json").is_file():
+    if (path / COMPLETE_MARKER).is_file():
         return path
     if path.name.startswith("step_") or path.name.startswith(".tmp_step_"):
         raise ConversionError(f"checkpoint {str(path)!r} is incomplete: no metadata.json (the save did not "
                               "finish); use an earlier step, or the save_dir: its 'latest' names a complete "
                               "one")
-    step = find_latest_step(path)
+    step = find_latest_step(path, COMPLETE_MARKER)
     if step is None:
         raise ConversionError(f"{str(path)!r} is neither a checkpoint step folder (with metadata.json) nor a "
                               "checkpoint.save_dir holding a complete step_XXXXXXXX folder")
@@ -197,26 +190,3 @@ def _read_common_state(step_dir: Path) -> Any:
         raise ConversionError(f"cannot read the common state (job config, loop state) of {str(step_dir)!r}: "
                               f"{err}") from err
 
-
-def write_weights_only(model, output_dir: Path, *, config_dict: dict[str, Any],
-                       source: dict[str, Any]) -> Path:
-    """Publish ``model``'s weights as ``output_dir/step_00000000`` + ``latest`` (loop state step 0).
-
-    The common state holds ``config`` (the job config), ``loop``, ``scheduler`` None, ``weights_only`` True
-    and ``source`` (where the weights came from); there is no optimizer or RNG state. Needs a process group.
-    """
-    from megatron.core import dist_checkpointing
-
-    final = output_dir / step_dir_name(0)
-    tmp = output_dir / f".tmp_{step_dir_name(0)}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    state = {"model": model.sharded_state_dict(), "loop": dict(LoopState().__dict__), "scheduler": None,
-             "config": config_dict, "weights_only": True, "source": source}
-    dist_checkpointing.save(state, str(tmp))
-    write_manifest(tmp)
-    os.replace(tmp, final)
-    pointer = output_dir / f".{LATEST_FILE}.tmp"
-    pointer.write_text("0\n")
-    os.replace(pointer, output_dir / LATEST_FILE)
-    return final

@@ -122,7 +122,9 @@ def _hf_tokenizer(folder: Path):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        # No remote code: an export's config.json names its modeling code, which a tokenizer never needs (and
+        # transformers would stop to ask on a terminal).
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError, TypeError) as err:
         raise ValueError(f"{str(folder)!r} is not a Hugging Face tokenizer folder transformers can load "
                          f"offline: {err}") from err

@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     from mor_megatron.data.tokenizer import load_tokenizer
     from mor_megatron.model.builder import build_model, transformer_config
     from mor_megatron.runtime import destroy_distributed, init_distributed
-    from mor_megatron.training.checkpoint import Checkpointer
+    from mor_megatron.checkpoint.megatron import Checkpointer
 
     run_dir = Path(args.run_dir)
     if not (run_dir / "config.yaml").is_file():

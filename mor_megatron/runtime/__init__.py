@@ -8,6 +8,7 @@ The only package of mor_megatron that touches megatron-core's ``parallel_state``
     destroy_distributed()
 """
 
+from mor_megatron.runtime.child_processes import stop_checkpoint_helpers
 from mor_megatron.runtime.cpu import cpu_runtime_enabled, enable_cpu_runtime
 from mor_megatron.runtime.parallel import (
     DistributedContext,
@@ -25,4 +26,5 @@ __all__ = [
     "destroy_distributed",
     "enable_cpu_runtime",
     "init_distributed",
+    "stop_checkpoint_helpers",
 ]

@@ -35,6 +35,7 @@ _PR_SET_PDEATHSIG = 1
 _installed = False
 _parent_pid: int | None = None
 _forked_from_main_thread = False
+_manager: SyncManager | None = None
 
 
 def die_with_parent(expected_parent_pid: int) -> None:
@@ -68,13 +69,25 @@ def arm_forked_children() -> None:
 
 def _armed_write_results_queue(mp_mode: str = "spawn"):
     """megatron's write-results queue getter, with a manager server that dies with this process."""
+    global _manager
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     if filesystem_async._results_queue is None:
-        manager = SyncManager(ctx=multiprocessing.get_context(mp_mode))  # spawn by default, as megatron's own
-        manager.start(initializer=die_with_parent, initargs=(os.getpid(),))
-        filesystem_async._results_queue = manager.Queue()
+        _manager = SyncManager(ctx=multiprocessing.get_context(mp_mode))  # spawn by default, as megatron's own
+        _manager.start(initializer=die_with_parent, initargs=(os.getpid(),))
+        filesystem_async._results_queue = _manager.Queue()
     return filesystem_async._results_queue
+
+
+def stop_checkpoint_helpers() -> None:
+    """End the writers' manager server that a save started here, if any (a later save starts another)."""
+    global _manager
+    if _manager is not None:
+        from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+        filesystem_async._results_queue = None
+        _manager.shutdown()
+        _manager = None
 
 
 def arm_checkpoint_helpers() -> None:

@@ -82,21 +82,6 @@ class ParallelDims:
             )
         return cls(tp=tp, pp=pp, dp=world_size // (tp * pp), world_size=world_size)
 
-    @property
-    def tp_enabled(self) -> bool:
-        """Whether tensors are split across ranks (tp > 1)."""
-        return self.tp > 1
-
-    @property
-    def pp_enabled(self) -> bool:
-        """Whether layers are split into pipeline stages (pp > 1)."""
-        return self.pp > 1
-
-    @property
-    def dp_enabled(self) -> bool:
-        """Whether there is more than one data-parallel replica (dp > 1)."""
-        return self.dp > 1
-
 
 @dataclass(frozen=True)
 class LaunchEnv:
@@ -204,6 +189,16 @@ class DistributedContext:
     def pp_rank(self) -> int:
         """This rank's pipeline stage, 0-based."""
         return self.pg_collection.pp.rank()
+
+    @property
+    def is_first_stage(self) -> bool:
+        """Whether this rank runs the first pipeline stage (embedding, routers); always without a pipeline."""
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        """Whether this rank runs the last pipeline stage (output layer, loss); always without a pipeline."""
+        return self.pp_rank == self.dims.pp - 1
 
     @property
     def dp_rank(self) -> int:

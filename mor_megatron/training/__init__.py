@@ -1,1 +1,1 @@
-"""Training loop components: tracking sinks, metrics, and (elsewhere in this package) the trainer pieces."""
+"""Training loop components: the trainer, step, evaluation, optimizer, checkpoints and the two engines."""

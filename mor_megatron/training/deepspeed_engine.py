@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import importlib
 import logging
-import math
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -35,22 +33,18 @@ from mor_megatron.config import JobConfig, config_to_dict
 from mor_megatron.model.builder import build_model, transformer_config
 from mor_megatron.model.gpt import MoRGPTModel
 from mor_megatron.runtime import DistributedContext
-from mor_megatron.training import deepspeed_checkpoint as ds_ckpt
-from mor_megatron.training import metrics as M
-from mor_megatron.training.checkpoint import CHECKPOINT_READ_ERRORS, CheckpointError, LoopState, step_dir_name
-from mor_megatron.training.checkpoint_integrity import write_manifest
-from mor_megatron.training.resume_config import check_resume_config
-from mor_megatron.training.rng_state import restore_rng_state, rng_state_tensors
+from mor_megatron.tracking import metrics as M
+from mor_megatron.checkpoint import deepspeed as ds_ckpt, layout
+from mor_megatron.checkpoint.errors import CHECKPOINT_READ_ERRORS, CheckpointError
+from mor_megatron.checkpoint.integrity import select_intact_step, write_manifest
+from mor_megatron.checkpoint.loop_state import LoopState
+from mor_megatron.checkpoint.resume_config import check_resume_config
+from mor_megatron.checkpoint.rng_state import restore_rng_state, rng_state_tensors
 from mor_megatron.training.deepspeed_config import build_deepspeed_config, write_deepspeed_config
 from mor_megatron.training.engine import Batches
-from mor_megatron.training.megatron_engine import (
-    TrainingDiverged,
-    mean_over_world,
-    num_microbatches,
-    resolve_params_dtype,
-)
 from mor_megatron.training.optimizer import build_scheduler
-from mor_megatron.training.step import masked_mean_loss, move_batch
+from mor_megatron.training.step import (masked_mean_loss, mean_over_world, move_batch, num_microbatches,
+                                       resolve_params_dtype, step_metrics)
 
 logger = logging.getLogger(__name__)
 
@@ -203,10 +197,14 @@ class DeepSpeedEngine:
         """Data-parallel and tensor-parallel rank 0 (there is no pipeline on this path)."""
         return self.ctx.dp_rank == 0 and self.ctx.tp_rank == 0
 
+    def held_parameters(self) -> tuple[int, int]:
+        """Full parameter sizes also under ZeRO-3, whose parameters hold only their partition (``ds_numel``)."""
+        return M.held_parameters(self.model.parameters(), lambda param: getattr(param, "ds_numel", param.numel()))
+
     def _micro_batch_loss(self, batch: dict[str, torch.Tensor], routing_mode: str) -> torch.Tensor:
         batch = move_batch(batch, self.ctx.device)
-        per_token = self.ds(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
-                            routing_mode=routing_mode)
+        per_token = self.ds(batch["tokens"], batch["position_ids"], batch.get("attention_mask"),
+                            labels=batch["labels"], routing_mode=routing_mode)
         loss, _ = masked_mean_loss(batch["loss_mask"], per_token)
         return loss
 
@@ -222,14 +220,8 @@ class DeepSpeedEngine:
         grad_norm = self.ds.get_global_grad_norm()
         self.scheduler.step(increment=1)
         self.model.update_router_bias(self.config.recursion.bias_update_rate, self.ctx.pg_collection.dp)
-        loss = mean_over_world(losses, self.ctx.device)
-        grad_norm = float(grad_norm) if grad_norm is not None else math.nan
-        if not math.isfinite(loss) or not math.isfinite(grad_norm):
-            raise TrainingDiverged(
-                f"lm loss {loss} / grad norm {grad_norm} is not finite; lower optim.lr (now {self.config.optim.lr}) "
-                f"or resume from the last checkpoint in {self.config.checkpoint.save_dir}")
-        return {M.TRAIN_LM_LOSS: loss, M.OPTIM_GRAD_NORM: grad_norm,
-                M.OPTIM_LR: self.ds.optimizer.param_groups[0]["lr"]}
+        return step_metrics(losses, grad_norm, self.ds.optimizer.param_groups[0]["lr"], self.config,
+                            self.ctx.device)
 
     def eval_loss(self, batches: Batches, *, num_batches: int, routing_mode: str) -> float:
         """Mean LM loss over ``num_batches`` global batches, forward only (see the Engine protocol)."""
@@ -249,14 +241,13 @@ class DeepSpeedEngine:
         return {"tp": dims.tp, "pp": dims.pp, "dp": dims.dp, "zero_stage": self.zero_stage}
 
     def save(self, step: int, loop: LoopState, config_dict: dict[str, Any]) -> str:
-        """DeepSpeed checkpoint of ``step`` (see :mod:`~mor_megatron.training.deepspeed_checkpoint`)."""
+        """DeepSpeed checkpoint of ``step`` (see :mod:`~mor_megatron.checkpoint.deepspeed`)."""
         if self.save_root is None:
             raise CheckpointError("checkpoint.save_dir is not set")
-        tag = ds_ckpt.tmp_tag(step)
+        tag = layout.tmp_dir_name(step)
         is_writer = dist.get_rank() == 0
         if is_writer:
-            self.save_root.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(self.save_root / tag, ignore_errors=True)
+            layout.fresh_tmp_dir(self.save_root, step)
         dist.barrier()
         loop_state = dict(loop.__dict__)
         self.ds.save_checkpoint(str(self.save_root), tag=tag, save_latest=False,
@@ -264,7 +255,7 @@ class DeepSpeedEngine:
         torch.save(rng_state_tensors(), self.save_root / tag / f"rng_state_{dist.get_rank():05d}.pt")
         dist.barrier()
         write_manifest(self.save_root / tag)  # every rank's files are on disk; meta.json, written next, is the marker
-        final = self.save_root / step_dir_name(step)
+        final = self.save_root / layout.step_dir_name(step)
         if is_writer:
             meta = {"step": step, "layout": self._layout(), "loop": loop_state, "config": config_dict}
             ds_ckpt.publish(self.save_root, step, meta, keep_last=self.config.checkpoint.keep_last)
@@ -281,11 +272,11 @@ class DeepSpeedEngine:
             CheckpointError: it was saved with another TP/DP layout or across the ZeRO-3 boundary (ZeRO
                 partitions are tied to both); convert it with ``mor_megatron.convert.deepspeed_to_megatron``.
         """
-        step = None if self.load_root is None else ds_ckpt.select_intact_step(
-            self.load_root, fallback_to_previous=self.config.checkpoint.fallback_to_previous)
+        step = None if self.load_root is None else select_intact_step(
+            self.load_root, marker=ds_ckpt.META_FILE, fallback_to_previous=self.config.checkpoint.fallback_to_previous)
         if step is None:
             return None
-        step_dir = self.load_root / step_dir_name(step)
+        step_dir = self.load_root / layout.step_dir_name(step)
         meta = ds_ckpt.read_meta(step_dir)
         check_resume_config(meta.get("config") or {}, config_to_dict(self.config), checkpoint=str(step_dir),
                             step=step, allow_change=self.config.checkpoint.allow_config_change)
@@ -298,7 +289,7 @@ class DeepSpeedEngine:
                 "DeepSpeed's partitions only load into the same layout: relaunch with it, or convert the checkpoint "
                 "(python -m mor_megatron.convert.deepspeed_to_megatron) and continue on the Megatron path")
         try:
-            _, client_state = self.ds.load_checkpoint(str(self.load_root), tag=step_dir_name(step),
+            _, client_state = self.ds.load_checkpoint(str(self.load_root), tag=layout.step_dir_name(step),
                                                       load_optimizer_states=True, load_lr_scheduler_states=False)
         except CHECKPOINT_READ_ERRORS as err:  # several types; name the checkpoint in all cases
             raise CheckpointError(f"DeepSpeed could not load checkpoint {step_dir}: {err}") from err
@@ -318,6 +309,6 @@ class DeepSpeedEngine:
             return
         restore_rng_state(state)
 
-    def destroy(self) -> None:
+    def close(self) -> None:
         """Remove DeepSpeed's hooks and buffers (ZeRO-3 workers can abort at interpreter exit without it)."""
         self.ds.destroy()

@@ -2,8 +2,8 @@
 
 The loop (:mod:`mor_megatron.training.trainer`) owns the cadence: data position, logging, evaluation,
 checkpoint intervals, tracking. An engine owns everything that differs between backends: how the model is
-wrapped, how one optimizer step over a global batch runs, how a forward-only pass runs, and how the whole state
-is saved and restored.
+wrapped, how one optimizer step over a global batch runs, how a forward-only pass runs, how the whole state
+is saved and restored, and what it holds until :meth:`Engine.close`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any, Iterator, Protocol
 import torch
 
 from mor_megatron.model.gpt import MoRGPTModel
-from mor_megatron.training.checkpoint import LoopState
+from mor_megatron.checkpoint.loop_state import LoopState
 
 Batches = Iterator[dict[str, torch.Tensor]]
 
@@ -28,6 +28,9 @@ class Engine(Protocol):
     @property
     def is_logging_rank(self) -> bool:
         """Exactly one rank of the job: the one that holds the loss and writes metrics."""
+
+    def held_parameters(self) -> tuple[int, int]:
+        """``tracking.metrics.held_parameters`` of this rank's model slice, full sizes however it is partitioned."""
 
     def train_step(self, batches: Batches) -> dict[str, float]:
         """One optimizer step over a global batch drawn from ``batches``.
@@ -44,3 +47,6 @@ class Engine(Protocol):
 
     def resume(self) -> LoopState | None:
         """Load the latest checkpoint if there is one; its loop state, else None."""
+
+    def close(self) -> None:
+        """Release what the backend holds beyond its Python objects (hooks, helper processes); called once."""

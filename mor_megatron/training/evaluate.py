@@ -14,7 +14,7 @@ from mor_megatron.config import ConfigError, JobConfig
 from mor_megatron.data.datasets import build_data_loader, build_gpt_datasets, num_samples_for
 from mor_megatron.data.tokenizer import load_tokenizer
 from mor_megatron.runtime import DistributedContext
-from mor_megatron.training import metrics as M
+from mor_megatron.tracking import metrics as M
 from mor_megatron.training.engine import Engine
 from mor_megatron.training.megatron_engine import MegatronEngine
 
@@ -63,5 +63,8 @@ def evaluate_checkpoint(config: JobConfig, ctx: DistributedContext, *,
         raise ConfigError(f"data.split={config.data.split!r} has no validation part; give it a weight, "
                           "e.g. '98,2,0'")
     engine = MegatronEngine(config, ctx)
-    engine.checkpointer.load(model_chunks=[engine.ddp], optimizer=None, scheduler=None, step=step)
-    return validation_metrics(engine, valid_ds, config, ctx)
+    try:
+        engine.checkpointer.load(model_chunks=[engine.ddp], optimizer=None, scheduler=None, step=step)
+        return validation_metrics(engine, valid_ds, config, ctx)
+    finally:
+        engine.close()

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
-from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
@@ -17,35 +14,14 @@ from megatron.core.transformer.module import Float16Module
 from mor_megatron.config import JobConfig, config_to_dict
 from mor_megatron.model.builder import build_model, transformer_config, virtual_pipeline_size
 from mor_megatron.model.gpt import MoRGPTModel
-from mor_megatron.runtime import DistributedContext
-from mor_megatron.training import metrics as M
-from mor_megatron.training.checkpoint import Checkpointer, LoopState
+from mor_megatron.runtime import DistributedContext, stop_checkpoint_helpers
+from mor_megatron.tracking import metrics as M
+from mor_megatron.checkpoint.loop_state import LoopState
+from mor_megatron.checkpoint.megatron import Checkpointer
 from mor_megatron.training.engine import Batches
 from mor_megatron.training.optimizer import build_optimizer, build_scheduler
-from mor_megatron.training.step import forward_step
-
-
-class TrainingDiverged(FloatingPointError):
-    """The loss or gradient norm became NaN or infinite."""
-
-
-def resolve_params_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """`auto`: bf16 on GPU, fp32 on CPU (CPU bf16 matmuls are slow and this is where tests run)."""
-    if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return torch.bfloat16 if precision == "bf16" else torch.float32
-
-
-def num_microbatches(config: JobConfig, data_parallel_size: int) -> int:
-    train = config.train
-    return train.global_batch_size // (train.micro_batch_size * data_parallel_size)
-
-
-def mean_over_world(values: list[float], device: torch.device) -> float:
-    """Mean of the values held by the ranks that hold any (e.g. the last pipeline stage), same on all ranks."""
-    local = torch.tensor([sum(values), float(len(values))], dtype=torch.float64, device=device)
-    dist.all_reduce(local)  # TP/DP replicas of a loss each count once in both sums, so the ratio is the mean
-    return float(local[0] / local[1]) if local[1] > 0 else math.nan
+from mor_megatron.training.step import (forward_step, mean_over_world, num_microbatches, resolve_params_dtype,
+                                       step_metrics)
 
 
 class RecursionChunk(torch.nn.Module):
@@ -142,13 +118,16 @@ class MegatronEngine:
 
     @property
     def is_logging_rank(self) -> bool:
-        return parallel_state.is_pipeline_last_stage() and self.ctx.dp_rank == 0 and self.ctx.tp_rank == 0
+        return self.ctx.is_last_stage and self.ctx.dp_rank == 0 and self.ctx.tp_rank == 0
+
+    def held_parameters(self) -> tuple[int, int]:
+        return M.held_parameters(self.model.parameters())
 
     def _data_iterators(self, batches: Batches):
         """Per-chunk data: only chunk 0 on the first stage and the last chunk on the last stage read batches."""
         if self.ctx.dims.pp == 1:
             return batches
-        first, last = parallel_state.is_pipeline_first_stage(), parallel_state.is_pipeline_last_stage()
+        first, last = self.ctx.is_first_stage, self.ctx.is_last_stage
         num_chunks = len(self.model_chunks)
         if num_chunks == 1:
             return batches if (first or last) else None
@@ -172,15 +151,8 @@ class MegatronEngine:
         losses = self._forward_backward(batches, forward_only=False, routing_mode="topk")
         _, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=1)
-        self.model.update_router_bias(self.config.recursion.bias_update_rate,
-                                      parallel_state.get_data_parallel_group())
-        loss = mean_over_world(losses, self.ctx.device)
-        grad_norm = float(grad_norm) if grad_norm is not None else math.nan
-        if not math.isfinite(loss) or not math.isfinite(grad_norm):
-            raise TrainingDiverged(
-                f"lm loss {loss} / grad norm {grad_norm} is not finite; lower optim.lr (now {self.config.optim.lr}) "
-                f"or resume from the last checkpoint in {self.config.checkpoint.save_dir}")
-        return {M.TRAIN_LM_LOSS: loss, M.OPTIM_GRAD_NORM: grad_norm, M.OPTIM_LR: self.optimizer.param_groups[0]["lr"]}
+        self.model.update_router_bias(self.config.recursion.bias_update_rate, self.ctx.pg_collection.dp)
+        return step_metrics(losses, grad_norm, self.optimizer.param_groups[0]["lr"], self.config, self.ctx.device)
 
     def eval_loss(self, batches: Batches, *, num_batches: int, routing_mode: str) -> float:
         self.ddp.eval()
@@ -199,3 +171,7 @@ class MegatronEngine:
             return None
         return self.checkpointer.load(model_chunks=[self.ddp], optimizer=self.optimizer,
                                       scheduler=self.scheduler, current_config=config_to_dict(self.config))
+
+    def close(self) -> None:
+        """End the checkpoint writers' manager server (a spawned interpreter, ~350 MiB) that saves started."""
+        stop_checkpoint_helpers()

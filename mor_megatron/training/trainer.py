@@ -2,7 +2,7 @@
 
 Backends (:class:`~mor_megatron.training.megatron_engine.MegatronEngine`, the DeepSpeed engine) implement the
 small :class:`~mor_megatron.training.engine.Engine` protocol; this module never looks inside them. Loop state
-that a resume needs is :class:`~mor_megatron.training.checkpoint.LoopState` (step, consumed samples, training
+that a resume needs is :class:`~mor_megatron.checkpoint.loop_state.LoopState` (step, consumed samples, training
 time, MLflow run id).
 """
 
@@ -16,15 +16,15 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from megatron.core import parallel_state
-
 from mor_megatron.config import JobConfig, config_to_dict, dump_config
 from mor_megatron.data.datasets import build_data_loader, build_gpt_datasets, num_samples_for
 from mor_megatron.data.tokenizer import load_tokenizer
 from mor_megatron.model.flops import flops_per_token
 from mor_megatron.runtime import DistributedContext
-from mor_megatron.training import metrics as M
-from mor_megatron.training.checkpoint import LoopState
+from mor_megatron.tracking import metrics as M
+from mor_megatron.tracking.sinks import MetricSink, metrics_jsonl_path
+from mor_megatron.tracking.start import resolve_tracking_uri, start_tracking
+from mor_megatron.checkpoint.loop_state import LoopState
 from mor_megatron.training.console import (
     RunFacts,
     RunOutcome,
@@ -35,14 +35,8 @@ from mor_megatron.training.console import (
 )
 from mor_megatron.training.engine import Batches, Engine
 from mor_megatron.training.evaluate import validation_metrics
-from mor_megatron.training.save_dir_lock import SaveDirLock, lock_save_dir
+from mor_megatron.checkpoint.save_dir_lock import SaveDirLock, lock_save_dir
 from mor_megatron.training.stopping import ExitSignals, LauncherWatch, StopConditions, world_max
-from mor_megatron.training.tracking import (
-    MetricSink,
-    metrics_jsonl_path,
-    resolve_tracking_uri,
-    start_tracking,
-)
 
 EngineFactory = Callable[[JobConfig, DistributedContext], Engine]
 
@@ -57,6 +51,7 @@ class Trainer:
         self.run_dir = Path(config.output_dir)
         self.loop = LoopState()
         self.sink: MetricSink | None = None
+        self.engine: Engine | None = None
         self.save_dir_lock: SaveDirLock | None = None
         self.started_s = time.monotonic()  # train.exit_duration_mins counts from here
         self.launcher = LauncherWatch()  # now: a launcher that dies while the job builds is noticed too
@@ -81,13 +76,10 @@ class Trainer:
         if resumed is not None:
             self.loop = resumed
             self._log_rank0(f"resumed from step {self.loop.step} ({self.loop.consumed_samples} samples consumed)")
-        tracking = cfg.tracking
         self.sink, self.loop.mlflow_run_id = start_tracking(
-            tracking, run_dir=self.run_dir, config_dict=config_to_dict(cfg), resume_run_id=self.loop.mlflow_run_id,
-            is_logging_rank=self.engine.is_logging_rank, resume_step=self.loop.step,
-            local_rank=self.ctx.local_rank,
-            node_id=f"node{self.ctx.node_rank}", system_metrics_interval_s=tracking.system_metrics_interval_s,
-            retry_after_s=tracking.retry_after_s, close_timeout_s=tracking.close_timeout_s)
+            cfg.tracking, run_dir=self.run_dir, config_dict=config_to_dict(cfg),
+            resume_run_id=self.loop.mlflow_run_id, is_logging_rank=self.engine.is_logging_rank,
+            resume_step=self.loop.step, local_rank=self.ctx.local_rank, node_id=f"node{self.ctx.node_rank}")
         self.flops_per_token = flops_per_token(cfg.model, cfg.recursion,
                                                cfg.seq_length).training_flops_per_token_with_lm_head
         counts = self._parameter_counts()
@@ -104,7 +96,7 @@ class Trainer:
     def _run_facts(self, counts: dict[str, float]) -> RunFacts:
         dims, tracking = self.ctx.dims, self.config.tracking
         stages = [int(counts[f"{M.MODEL_PARAMS_STAGE_PREFIX}{stage}"]) for stage in range(dims.pp)]
-        tracking_uri = resolve_tracking_uri(tracking.tracking_uri, self.run_dir) if tracking.enabled else None
+        tracking_uri = resolve_tracking_uri(tracking, self.run_dir)
         return RunFacts(total_params=int(counts[M.MODEL_PARAMS_TOTAL]), params_per_stage=stages,
                         flops_per_token=self.flops_per_token, world_size=dims.world_size, tp=dims.tp,
                         pp=dims.pp, dp=dims.dp, tracking_uri=tracking_uri, run_id=self.loop.mlflow_run_id,
@@ -192,11 +184,9 @@ class Trainer:
     def _parameter_counts(self) -> dict[str, float]:
         """Parameters held by each pipeline stage (this TP rank's shard) and the model's total, a tied embedding
         counted once (collective over the pipeline group). Logged once as run parameters."""
-        local = M.held_parameters(self.engine.model.parameters())
-        stages = [local]
+        stages = [self.engine.held_parameters()] * self.ctx.dims.pp
         if self.ctx.dims.pp > 1:
-            stages = [None] * self.ctx.dims.pp
-            dist.all_gather_object(stages, local, group=parallel_state.get_pipeline_model_parallel_group())
+            dist.all_gather_object(stages, stages[self.ctx.pp_rank], group=self.ctx.pg_collection.pp)
         return M.parameter_count_metrics(stages)
 
     def _peak_flops(self) -> float | None:
@@ -211,15 +201,14 @@ class Trainer:
         stats = self.engine.model.pop_router_stats()
         if self.ctx.dims.pp > 1:  # routers live on the first stage; every stage must reduce the same keys
             gathered = [None] * self.ctx.dims.pp
-            dist.all_gather_object(gathered, stats, group=parallel_state.get_pipeline_model_parallel_group())
+            dist.all_gather_object(gathered, stats, group=self.ctx.pg_collection.pp)
             stats = {key: value for part in gathered for key, value in part.items()}
         if not stats:
             return {}
         keys = sorted(stats)
         tensor = torch.tensor([stats[k] for k in keys], dtype=torch.float64, device=self.ctx.device)
-        group = parallel_state.get_data_parallel_group()
-        dist.all_reduce(tensor, group=group)
-        tensor /= dist.get_world_size(group)
+        dist.all_reduce(tensor, group=self.ctx.pg_collection.dp)
+        tensor /= self.ctx.dims.dp
         return dict(zip(keys, tensor.tolist()))
 
     def _emit(self, values: dict[str, float]) -> None:
@@ -233,14 +222,16 @@ class Trainer:
             print(message, flush=True)
 
     def close(self, *, failed: bool = False) -> None:
-        """Flush and close tracking (bounded wait): FAILED, KILLED after an early stop, else FINISHED; release
-        the save_dir lock."""
+        """Flush and close tracking (bounded wait): FAILED, KILLED after an early stop, else FINISHED; close the
+        engine; release the save_dir lock. Call once."""
         if self.sink is not None:
             self.sink.close(status="FAILED" if failed else "KILLED" if self.stop_reason else "FINISHED")
             self.sink = None
         if self.exit_signals is not None:
             self.exit_signals.restore()
             self.exit_signals = None
+        if self.engine is not None:  # before the lock; the closed engine's weights stay readable
+            self.engine.close()
         if self.save_dir_lock is not None:
             self.save_dir_lock.release()
             self.save_dir_lock = None

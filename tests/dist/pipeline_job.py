@@ -37,21 +37,21 @@ def run_variant(ctx_kwargs: dict, *, preset: str, tp: int, pp: int, init_dir: st
     With ``load_dir``, the full training state is resumed from there instead and nothing is trained; with
     ``save_dir``, the state is saved after training (or, after a resume, saved again at this layout). Returns
     per-step metrics, the eval loss after training, the unique layers and parameter count of this rank (also
-    as :func:`held_parameters`).
+    as the engine's ``held_parameters``).
     """
     from megatron.core import dist_checkpointing
 
     from mor_megatron.model.builder import virtual_pipeline_size
     from mor_megatron.runtime import destroy_distributed, init_distributed
-    from mor_megatron.training.checkpoint import LoopState
+    from mor_megatron.checkpoint.loop_state import LoopState
     from mor_megatron.training.megatron_engine import MegatronEngine
-    from mor_megatron.training.metrics import held_parameters
 
     config = job_config(preset, tp=tp, pp=pp, overrides=overrides, save_dir=save_dir)
     if load_dir is not None:
         config.checkpoint.load_dir = load_dir
     ctx = init_distributed(config.parallel, seed=5,
                            virtual_pipeline_size=virtual_pipeline_size(config.recursion, config.parallel))
+    engine = None
     try:
         engine = MegatronEngine(config, ctx)
         model = engine.model
@@ -81,9 +81,11 @@ def run_variant(ctx_kwargs: dict, *, preset: str, tp: int, pp: int, init_dir: st
         eval_loss = engine.eval_loss(eval_batches, num_batches=1, routing_mode="topk")
         return {"history": history, "eval_loss": eval_loss, "layers": list(model.decoder.layer_ids),
                 "num_params": sum(p.numel() for p in model.parameters()),
-                "held_params": held_parameters(model.parameters()), "pp_rank": ctx.pp_rank,
+                "held_params": engine.held_parameters(), "pp_rank": ctx.pp_rank,
                 "tp_rank": ctx.tp_rank}
     finally:
+        if engine is not None:
+            engine.close()
         destroy_distributed(keep_process_group=True)
 
 

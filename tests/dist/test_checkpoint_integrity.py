@@ -76,10 +76,11 @@ def _scenario(rank: int, world_size: int, *, root: str) -> dict:
 
     from mor_megatron.config import ParallelConfig, config_to_dict
     from mor_megatron.runtime import destroy_distributed, init_distributed
-    from mor_megatron.training.checkpoint import Checkpointer, LoopState
+    from mor_megatron.checkpoint.loop_state import LoopState
+    from mor_megatron.checkpoint.megatron import Checkpointer
 
     recorder = _Recorder()
-    logging.getLogger("mor_megatron.training").addHandler(recorder)
+    logging.getLogger("mor_megatron.checkpoint").addHandler(recorder)
     ctx = init_distributed(ParallelConfig(), seed=3)
     config = _config()
     model = _model(config, ctx)

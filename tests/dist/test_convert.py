@@ -81,7 +81,8 @@ def _widen_router(model) -> None:
 
 def _save(model, cfg, ctx, folder: Path) -> None:
     from mor_megatron.config import config_to_dict
-    from mor_megatron.training.checkpoint import Checkpointer, LoopState
+    from mor_megatron.checkpoint.loop_state import LoopState
+    from mor_megatron.checkpoint.megatron import Checkpointer
 
     Checkpointer(save_dir=str(folder), load_dir=None, keep_last=1, ctx=ctx).save(
         5, model_chunks=[model], optimizer=None, scheduler=None, loop=LoopState(step=5),
@@ -144,8 +145,8 @@ def _pp2_references(root: Path) -> dict:
     from megatron.core import dist_checkpointing
 
     from mor_megatron.config import ParallelConfig, config_from_dict
+    from mor_megatron.checkpoint.megatron import Checkpointer
     from mor_megatron.runtime import destroy_distributed, init_distributed
-    from mor_megatron.training.checkpoint import Checkpointer
 
     ctx = init_distributed(ParallelConfig(), seed=0)
     refs = {}
@@ -221,7 +222,7 @@ def _uptrain(root: Path, llama: Path) -> dict:
     from mor_megatron.convert.from_hf import from_hf
     from mor_megatron.model.builder import build_model, transformer_config
     from mor_megatron.runtime import init_distributed
-    from mor_megatron.training.checkpoint import Checkpointer
+    from mor_megatron.checkpoint.megatron import Checkpointer
 
     out = root / "uptrain"
     summary = from_hf(llama, out, preset="tiny-mor-e-r2", init="average")
@@ -286,7 +287,7 @@ def _break_copies(source: Path, root: Path) -> None:
     """Copies of a good step folder under ``root/<case>/``, each with one defect."""
     from megatron.core import dist_checkpointing
 
-    from mor_megatron.training.checkpoint_integrity import write_manifest
+    from mor_megatron.checkpoint.integrity import write_manifest
 
     for case in BROKEN:
         shutil.copytree(source, root / case / source.name)

@@ -111,7 +111,7 @@ def _train(ctx, microbatches: list[dict], steps: int, *, tie_embeddings: bool = 
     model.config.finalize_model_grads_func = finalize_model_grads
     model.config.no_sync_func = ddp.no_sync
     schedule_kwargs = {"pg_collection": ctx.pg_collection}
-    if ctx.dims.pp_enabled:
+    if ctx.dims.pp > 1:
         schedule_kwargs["p2p_communicator"] = P2PCommunicator(pp_group=ctx.pg_collection.pp,
                                                               config=model.config)
     forward_backward = get_forward_backward_func(pp_size=ctx.dims.pp, vp_size=None)

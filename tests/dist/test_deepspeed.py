@@ -132,10 +132,8 @@ def _train(overrides: list[str], *, engine: str, stop_after: int | None = None) 
     except Preempted:
         pass
     finally:
+        result = probes[0].report() if probes else {}  # before close() destroys the DeepSpeed engine
         trainer.close(failed=failed)
-        result = probes[0].report() if probes else {}
-        if engine == "deepspeed" and hasattr(trainer, "engine"):
-            trainer.engine.destroy()
         destroy_distributed(keep_process_group=True)
     return result
 
@@ -216,9 +214,9 @@ def test_zero3_resume_continues_the_exact_loss_sequence(zero3_jobs):
 
 def _evaluate_converted(rank: int, world_size: int, overrides: list[str], converted: str) -> dict:
     """Validation losses of the Megatron path with the converted weights (no DeepSpeed in this process)."""
+    from mor_megatron.checkpoint.megatron import Checkpointer
     from mor_megatron.config import load_config
     from mor_megatron.runtime import destroy_distributed, init_distributed
-    from mor_megatron.training.checkpoint import Checkpointer
     from mor_megatron.training.megatron_engine import MegatronEngine
     from mor_megatron.training.trainer import Trainer
 
@@ -253,6 +251,17 @@ def test_zero3_checkpoint_converts_and_evaluates_identically_on_the_megatron_pat
     assert result["step"] == STEPS
     assert result["val/loss"] == pytest.approx(logged["val/loss"], rel=0, abs=1e-6)
     assert result["val/loss_causal"] == pytest.approx(logged["val/loss_causal"], rel=0, abs=1e-6)
+
+
+def test_training_from_a_converted_checkpoint_continues_the_lr_schedule(tiny_data, zero3_jobs, tmp_path):
+    # The preempted job's step-3 checkpoint, trained on to step 5 on the Megatron path (fresh optimizer): the LR
+    # schedule goes on from step 3, as in the uninterrupted job, instead of restarting its warmup.
+    converted = _convert(zero3_jobs / "resumed" / "ckpt" / "step_00000003", tmp_path / "megatron")
+    overrides = _base(tiny_data, tmp_path / "continued", f"checkpoint.load_dir={Path(converted).parent}")
+    run_ranks(_run_jobs, 2, tmp_path / "ranks", timeout_s=300, jobs=[("megatron", overrides)])
+    straight = _losses(zero3_jobs / "straight", "optim/lr")
+    expected = {step: straight[step] for step in (4, 5)}
+    assert _losses(tmp_path / "continued", "optim/lr") == pytest.approx(expected, rel=1e-9, abs=0)
 
 
 def _straight_exited_resumed(rank: int, world_size: int, straight: list[str], stopped: list[str]) -> None:

@@ -32,7 +32,9 @@ def hf_data(tmp_path_factory):
 
 
 def _overrides(root: Path, tokenizer: Path, steps: int) -> list[str]:
+    # Document masking on too: packed documents, EOD at id 0, through training, resume and evaluation.
     return [f"data.blend=[{root / 'text'}]", f"data.tokenizer={tokenizer}", "data.split=90,10,0",
+            "data.reset_attention_mask=true", "data.reset_position_ids=true", "data.eod_mask_loss=true",
             "preset=tiny-mor-e-r3", f"model.vocab_size={VOCAB}", "train.seq_length=64",
             "train.global_batch_size=4", "train.micro_batch_size=2", "train.precision=fp32",
             f"train.train_steps={steps}", "train.log_interval=1", "train.eval_interval=3", "train.eval_steps=1",
@@ -106,3 +108,50 @@ def test_hf_bpe_with_eos_at_id_0_trains_resumes_exports_and_generation_stops_at_
                              logits_processor=LogitsProcessorList([EosAtThirdToken()]))
     assert out.shape[1] == prompt.shape[1] + 3 and out[0, -1].item() == 0
     assert 0 not in out[0, prompt.shape[1]:-1].tolist()
+
+
+def _uptrain(rank: int, world_size: int, *, config_yaml: str, overrides: list[str]) -> dict:
+    from mor_megatron.config import load_config
+    from mor_megatron.runtime import destroy_distributed, init_distributed
+    from mor_megatron.training.megatron_engine import MegatronEngine
+    from mor_megatron.training.trainer import Trainer
+
+    config = load_config(config_yaml, overrides)
+    ctx = init_distributed(config.parallel, seed=config.train.seed)
+    trainer = Trainer(config, ctx, MegatronEngine)
+    try:
+        trainer.build()
+        start = trainer.loop.step
+        trainer.train()
+    finally:
+        trainer.close(failed=False)
+        destroy_distributed(keep_process_group=True)
+    return {"tokenizer": config.data.tokenizer, "start": start, "end": trainer.loop.step}
+
+
+@pytest.mark.dist
+def test_an_imported_llama_up_trains_with_its_own_tokenizer(hf_data, tmp_path):
+    """from-hf points the job at the model's own tokenizer: data preprocessed with it trains with no id mapping."""
+    import shutil
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mor_megatron.convert.from_hf import from_hf
+
+    root, tokenizer_dir, _ = hf_data
+    llama = tmp_path / "llama"
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                 bos_token_id=0, eos_token_id=0)).save_pretrained(str(llama))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(tokenizer_dir / name, llama / name)
+
+    from_hf(llama, tmp_path / "mor", preset="tiny-mor-e-r2")
+    overrides = [f"data.blend=[{root / 'text'}]", "data.split=90,10,0", "train.seq_length=64",
+                 "train.global_batch_size=4", "train.micro_batch_size=2", "train.train_steps=2",
+                 "train.eval_interval=2", "train.eval_steps=1", "optim.warmup_steps=0", "tracking.enabled=false",
+                 f"checkpoint.load_dir={tmp_path / 'mor'}", f"output_dir={tmp_path / 'run'}"]
+    (result,) = run_ranks(_uptrain, 1, tmp_path / "ranks", config_yaml=str(tmp_path / "mor" / "config.yaml"),
+                          overrides=overrides)
+    assert result == {"tokenizer": str(llama.resolve()), "start": 0, "end": 2}

@@ -31,8 +31,9 @@ def _bounded_client_http(monkeypatch):
 def test_two_nodes_train_checkpoint_and_log_one_run(tiny_data, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from mor_megatron.training import metrics as m
-    from mor_megatron.training.checkpoint import find_latest_step
+    from mor_megatron.tracking import metrics as m
+    from mor_megatron.checkpoint.layout import find_latest_step
+    from mor_megatron.checkpoint.megatron import COMPLETE_MARKER
 
     steps, eval_interval, experiment = 4, 2, "multinode"
     output_dir = tmp_path / "run"
@@ -51,7 +52,7 @@ def test_two_nodes_train_checkpoint_and_log_one_run(tiny_data, tmp_path):
 
         # One complete checkpoint at the last step, with shards written by the ranks of both nodes.
         assert (save_dir / "latest").read_text().strip() == str(steps)
-        assert find_latest_step(save_dir) == steps
+        assert find_latest_step(save_dir, COMPLETE_MARKER) == steps
         step_dir = save_dir / f"step_{steps:08d}"
         assert (step_dir / "metadata.json").is_file()
         # torch.distributed.checkpoint names shard files __<rank>_<n>.distcp.

@@ -82,7 +82,7 @@ def _stopped_after_straight(straight: list[str], stopped: list[str]) -> dict:
     checkpoint); its router bias then and the run id of the step-N checkpoint."""
     from megatron.core import dist_checkpointing
 
-    from mor_megatron.training.checkpoint import step_dir_name
+    from mor_megatron.checkpoint.layout import step_dir_name
 
     _train(straight)
     # An odd number of sign updates cannot bring the router bias back to exactly 0 (an even one can).
@@ -177,7 +177,7 @@ def jobs(tiny_data, tmp_path_factory) -> tuple[Path, dict]:
 
 
 def test_resume_gives_the_losses_of_an_uninterrupted_run(jobs):
-    from mor_megatron.training import metrics as m
+    from mor_megatron.tracking import metrics as m
 
     root, results = jobs
     stopped = results[0]["stopped"]
@@ -201,7 +201,7 @@ def test_resume_gives_the_losses_of_an_uninterrupted_run(jobs):
 
 
 def test_resumed_job_continues_the_same_mlflow_run(jobs):
-    from mor_megatron.training import metrics as m
+    from mor_megatron.tracking import metrics as m
 
     root, results = jobs
     runs = results[0]["mlflow_runs"]
@@ -218,7 +218,7 @@ def test_resumed_job_continues_the_same_mlflow_run(jobs):
 
 
 def test_checkpoint_saved_at_tp2_loads_at_tp1(jobs):
-    from mor_megatron.training import metrics as m
+    from mor_megatron.tracking import metrics as m
 
     root, results = jobs
     logged = _metrics_by_step(root / "tp2" / "metrics.jsonl")[_TP_STEPS]

@@ -57,8 +57,8 @@ def test_two_process_training_logs_one_complete_run(tiny_data, tmp_path):
     from mlflow.tracking import MlflowClient
 
     from mor_megatron.config import config_to_dict, load_config
-    from mor_megatron.training import metrics as m
-    from mor_megatron.training.tracking import flatten_params
+    from mor_megatron.tracking import metrics as m
+    from mor_megatron.tracking.run_info import flatten_params
 
     steps, eval_interval = 6, 3
     output_dir = tmp_path / "run"
@@ -134,7 +134,7 @@ def test_two_process_training_logs_one_complete_run(tiny_data, tmp_path):
 def test_server_killed_mid_run_training_finishes(tiny_data, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from mor_megatron.training import metrics as m
+    from mor_megatron.tracking import metrics as m
 
     # Steps take ~50 ms; under load the server can receive the first loss seconds after it was logged, so the
     # job must last long enough for the kill to land mid-run.

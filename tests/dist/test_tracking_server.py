@@ -50,16 +50,16 @@ def _simulate_training(rank: int, world_size: int, *, tracking_uri: str, run_dir
     import torch.distributed as dist
 
     from mor_megatron.config import TrackingConfig
-    from mor_megatron.training import metrics as m
-    from mor_megatron.training.tracking import start_tracking
+    from mor_megatron.tracking import metrics as m
+    from mor_megatron.tracking.start import start_tracking
 
     collect = _Collect()
     for name in ("", "mlflow"):  # the mlflow logger does not propagate to the root logger
         logging.getLogger(name).addHandler(collect)
-    cfg = TrackingConfig(tracking_uri=tracking_uri, experiment="dist-tracking", timeout_s=2.0)
+    cfg = TrackingConfig(tracking_uri=tracking_uri, experiment="dist-tracking", timeout_s=2.0,
+                         system_metrics_interval_s=0.25, close_timeout_s=10.0)
     sink, run_id = start_tracking(cfg, run_dir=run_dir, config_dict=_CONFIG, resume_run_id=None,
-                                  is_logging_rank=rank == 0, local_rank=0, node_id=f"node{rank}",
-                                  system_metrics_interval_s=0.25, close_timeout_s=10.0)
+                                  is_logging_rank=rank == 0, local_rank=0, node_id=f"node{rank}")
     logged: dict[int, list[str]] = {}
     train_s = 0.0
     for step in range(1, _STEPS + 1):
@@ -99,7 +99,7 @@ def _metric_lines(path: Path) -> dict[int, dict[str, float]]:
 def test_one_run_with_metrics_and_system_metrics_per_node(server, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from mor_megatron.training import metrics as m
+    from mor_megatron.tracking import metrics as m
 
     uri = server.uri
     results = run_ranks(_simulate_training, 2, tmp_path / "ranks", timeout_s=120, tracking_uri=uri,
@@ -174,7 +174,7 @@ def _replay(run_dir: Path, uri: str) -> dict:
 def test_replay_after_an_outage_completes_the_run_once(server, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from mor_megatron.training.tracking_replay import replay
+    from mor_megatron.tracking.replay import replay
 
     run_dir = tmp_path / "run"
     results = run_ranks(_simulate_training, 2, tmp_path / "ranks", timeout_s=120, tracking_uri=server.uri,

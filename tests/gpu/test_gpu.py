@@ -95,7 +95,8 @@ def export_matches_the_trained_model(context, device: torch.device, workdir: Pat
     the largest logit difference (causal routing) between the exported model and the trained one."""
     from mor_megatron.config import config_from_dict, config_to_dict, validate
     from mor_megatron.convert.to_hf import to_hf
-    from mor_megatron.training.checkpoint import Checkpointer, LoopState
+    from mor_megatron.checkpoint.loop_state import LoopState
+    from mor_megatron.checkpoint.megatron import Checkpointer
     from transformers import AutoModelForCausalLM
 
     config = config_from_dict({"preset": "tiny-mor-e-r3", "model": {"vocab_size": 256, "max_seq_length": 64},

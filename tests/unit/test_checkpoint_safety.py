@@ -16,10 +16,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-from mor_megatron.training.checkpoint import CheckpointDamaged, select_intact_step
-from mor_megatron.training.checkpoint_integrity import verify_manifest, write_manifest
-from mor_megatron.training.resume_config import ConfigChangedOnResume, check_resume_config
-from mor_megatron.training.save_dir_lock import LOCK_FILE, SaveDirLock, SaveDirLocked
+from mor_megatron.checkpoint.integrity import (CheckpointDamaged, select_intact_step, verify_manifest,
+                                               write_manifest)
+from mor_megatron.checkpoint.megatron import COMPLETE_MARKER as MARKER
+from mor_megatron.checkpoint.resume_config import ConfigChangedOnResume, check_resume_config
+from mor_megatron.checkpoint.save_dir_lock import LOCK_FILE, SaveDirLock, SaveDirLocked
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -62,12 +63,12 @@ def test_a_damaged_newest_step_is_an_error_unless_fallback_is_allowed(tmp_path, 
     newest = _step(tmp_path, 2)
     _flip(newest / "__0_0.distcp")
     with pytest.raises(CheckpointDamaged) as error:
-        select_intact_step(tmp_path, fallback_to_previous=False)
+        select_intact_step(tmp_path, marker=MARKER, fallback_to_previous=False)
     message = str(error.value)
     assert f"checkpoint {newest} is damaged" in message and f"{newest / '__0_0.distcp'}: contents" in message
     assert "checkpoint.fallback_to_previous=true" in message
     with caplog.at_level(logging.WARNING):
-        assert select_intact_step(tmp_path, fallback_to_previous=True) == 1
+        assert select_intact_step(tmp_path, marker=MARKER, fallback_to_previous=True) == 1
     assert f"checkpoint {newest} is damaged" in caplog.text and "trying the previous step" in caplog.text
 
 
@@ -76,18 +77,18 @@ def test_an_incomplete_newest_step_is_reported_not_skipped(tmp_path):
     newest = _step(tmp_path, 2)
     (newest / "metadata.json").unlink()
     with pytest.raises(CheckpointDamaged, match=f"{newest / 'metadata.json'}: missing"):
-        select_intact_step(tmp_path, fallback_to_previous=False)
+        select_intact_step(tmp_path, marker=MARKER, fallback_to_previous=False)
     (tmp_path / "step_00000001" / "common.pt").unlink()
     with pytest.raises(CheckpointDamaged, match=r"steps \[2, 1\] are all damaged or incomplete"):
-        select_intact_step(tmp_path, fallback_to_previous=True)
+        select_intact_step(tmp_path, marker=MARKER, fallback_to_previous=True)
 
 
 def test_a_step_saved_before_checksums_loads_with_a_warning(tmp_path, caplog):
     _step(tmp_path, 4, manifest=False)
     with caplog.at_level(logging.WARNING):
-        assert select_intact_step(tmp_path, fallback_to_previous=False) == 4
+        assert select_intact_step(tmp_path, marker=MARKER, fallback_to_previous=False) == 4
     assert "has no checksums.json" in caplog.text
-    assert select_intact_step(tmp_path / "none", fallback_to_previous=False) is None
+    assert select_intact_step(tmp_path / "none", marker=MARKER, fallback_to_previous=False) is None
 
 
 # -- config on resume ------------------------------------------------------------------------------------------
@@ -228,7 +229,7 @@ def test_rng_state_round_trips_through_a_weights_only_file(tmp_path):
     import numpy as np
     import torch
 
-    from mor_megatron.training.rng_state import restore_rng_state, rng_state_tensors
+    from mor_megatron.checkpoint.rng_state import restore_rng_state, rng_state_tensors
 
     torch.save(rng_state_tensors(), tmp_path / "rng.pt")
     expected = [random.random(), random.gauss(0, 1), float(np.random.rand()), float(torch.rand(1))]

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from mor_megatron.config import ConfigError, config_from_dict, config_to_dict, load_config
-from mor_megatron.training import deepspeed_checkpoint as ds_ckpt
+from mor_megatron.checkpoint import deepspeed as ds_ckpt
+from mor_megatron.checkpoint import layout
 from mor_megatron.training.deepspeed_config import build_deepspeed_config, check_deepspeed_job
 
 REPO = Path(__file__).resolve().parents[2]
@@ -157,14 +158,14 @@ def _fake_step(root: Path, step: int, *, complete: bool = True) -> Path:
 
 
 def test_latest_names_a_complete_step_else_the_newest_complete_one_is_used(tmp_path):
-    assert ds_ckpt.find_latest_step(tmp_path) is None
+    assert layout.find_latest_step(tmp_path, ds_ckpt.META_FILE) is None
     _fake_step(tmp_path, 3)
     _fake_step(tmp_path, 6)
     _fake_step(tmp_path, 9, complete=False)  # a crash before meta.json: never loaded
     (tmp_path / "latest").write_text("step_00000003")
-    assert ds_ckpt.find_latest_step(tmp_path) == 3
+    assert layout.find_latest_step(tmp_path, ds_ckpt.META_FILE) == 3
     (tmp_path / "latest").write_text("step_00000009")
-    assert ds_ckpt.find_latest_step(tmp_path) == 6
+    assert layout.find_latest_step(tmp_path, ds_ckpt.META_FILE) == 6
     assert ds_ckpt.resolve_step_dir(tmp_path) == tmp_path / "step_00000006"
     assert ds_ckpt.resolve_step_dir(tmp_path / "step_00000003") == tmp_path / "step_00000003"
 
@@ -172,17 +173,17 @@ def test_latest_names_a_complete_step_else_the_newest_complete_one_is_used(tmp_p
 def test_publish_renames_points_latest_and_keeps_the_last_n(tmp_path):
     for step in (1, 2):
         _fake_step(tmp_path, step)
-    tmp = tmp_path / ds_ckpt.tmp_tag(3)
+    tmp = tmp_path / layout.tmp_dir_name(3)
     tmp.mkdir()
     final = ds_ckpt.publish(tmp_path, 3, {"step": 3, "layout": {}}, keep_last=2)
     assert final == tmp_path / "step_00000003" and not tmp.exists()
     assert (tmp_path / "latest").read_text() == "step_00000003"  # DeepSpeed's format: the tag
-    assert ds_ckpt.complete_steps(tmp_path) == [2, 3]
+    assert layout.complete_steps(tmp_path, ds_ckpt.META_FILE) == [2, 3]
     assert ds_ckpt.read_meta(final)["step"] == 3
 
 
 def test_a_folder_without_a_checkpoint_is_a_clear_error(tmp_path):
-    from mor_megatron.training.checkpoint import CheckpointError
+    from mor_megatron.checkpoint.errors import CheckpointError
 
     with pytest.raises(CheckpointError, match="no complete DeepSpeed checkpoint"):
         ds_ckpt.resolve_step_dir(tmp_path)

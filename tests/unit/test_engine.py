@@ -1,8 +1,10 @@
-"""Serving engines: greedy outputs equal ``generate()``, slots are refilled, KV buffers follow the routing.
+"""Serving engines: greedy outputs equal ``generate()``, slots are refilled, the paged KV cache follows the
+routing (blocks in use track the tokens cached per depth, and go back to the pool).
 
 Models are tiny, built from configs with random weights (std 0.2 so greedy choices vary; MoR router rows std 1
 so depths vary). Every test serves more prompts than slots, of different lengths and generation lengths, with
-an EOS id that some prompt really generates, so refills, early finishes and length finishes all happen.
+an EOS id that some prompt really generates, so refills, early finishes and length finishes all happen. KV
+blocks of 4 tokens make streams span several blocks.
 """
 
 from __future__ import annotations
@@ -18,9 +20,11 @@ from mor_megatron.inference.engine import DepthWiseEngine, Request, SequenceWise
 from mor_megatron.inference.hf import AUTO_MAP, copy_modeling_files
 from mor_megatron.inference.hf.configuration_mor import MoRConfig
 from mor_megatron.inference.hf.modeling_mor import MoRForCausalLM
+from mor_megatron.inference.kv_buffers import KVPoolExhausted
 from mor_megatron.inference.sampling import SamplingParams
 
 VOCAB = 96
+BLOCK = 4
 PAD = 3
 SHAPE = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_attention_heads=4,
              num_key_value_heads=2, initializer_range=0.2, pad_token_id=PAD, eos_token_id=None)
@@ -93,7 +97,8 @@ def _check_against_generate(make_engine, model) -> tuple:
 def test_depth_wise_engine_matches_generate(routing, kv_mode):
     model = _mor(routing, kv_mode)
     engine, completions = _check_against_generate(
-        lambda eos: DepthWiseEngine(model, num_slots=3, max_batch=2, max_len=16, eos_token_id=eos), model)
+        lambda eos: DepthWiseEngine(model, num_slots=3, max_batch=2, max_len=16, eos_token_id=eos,
+                                    block_size=BLOCK), model)
     assert engine.stats.mixed_depth_steps > 0, "no shared-block pass mixed depths"
     fed = [d for c in completions for d in c.token_depths[len(c.prompt):]]
     assert min(fed) < 3 and max(fed) == 3, f"routing does not vary: decode depths {fed}"
@@ -126,12 +131,17 @@ def test_a_stop_sequence_ends_the_request_and_is_not_returned():
 
 def test_kv_buffer_lengths_follow_the_routing_decisions():
     model = _mor("expert_choice")
-    engine = DepthWiseEngine(model, num_slots=2, max_batch=2, max_len=16, eos_token_id=None)
+    engine = DepthWiseEngine(model, num_slots=2, max_batch=2, max_len=16, eos_token_id=None, block_size=BLOCK)
+    block_bytes = 2 * BLOCK * 2 * 8 * 4  # keys and values, 2 KV heads of 8 dims, fp32
     for completion in engine.run(_requests()).completions:
         depths = completion.token_depths
         assert len(depths) == len(completion.prompt) + len(completion.tokens) - 1
-        # A token's K/V sit at exactly the depths it ran (recursion-wise caching).
+        # A token's K/V sit at exactly the depths it ran (recursion-wise caching), in as many blocks as
+        # those tokens need, per shared layer (2) and for the prefix and suffix layers (all tokens).
         assert completion.kv_lengths == tuple(sum(d > r for d in depths) for r in range(3))
+        recursion_blocks = 2 * sum(-(-n // BLOCK) for n in completion.kv_lengths)
+        assert completion.kv_recursion_bytes == recursion_blocks * block_bytes
+        assert completion.kv_bytes == (recursion_blocks + 2 * -(-len(depths) // BLOCK)) * block_bytes
         # The engine's decode-time decisions are the model's causal routing of the whole sequence.
         sequence = torch.tensor([completion.prompt + completion.tokens[:-1]])
         with torch.no_grad():
@@ -142,15 +152,45 @@ def test_kv_buffer_lengths_follow_the_routing_decisions():
 def test_kv_sharing_stores_only_the_first_recursion():
     engine = DepthWiseEngine(_mor("expert_choice", "shared"), num_slots=2, max_batch=2, max_len=16,
                              eos_token_id=None)
-    assert engine.buffers.shared[0].keys.shape[1] == 1
+    assert engine.buffers.shared[0].lengths.shape[1] == 1
+    # The worst-case pool: slots x streams (prefix, 2 shared positions at depth 0, suffix) x blocks of 16.
+    assert engine.buffers.pool.num_blocks == 2 * 4 * 1
     for completion in engine.run(_requests()[:3]).completions:
         assert completion.kv_lengths == (len(completion.prompt) + len(completion.tokens) - 1,)
+
+
+def test_finished_sequences_return_their_blocks_and_a_full_pool_names_its_knob():
+    model = _mor("expert_choice")
+    requests = _requests()
+
+    def engine(kv_blocks: int | None) -> DepthWiseEngine:
+        return DepthWiseEngine(model, num_slots=2, max_batch=2, max_len=16, eos_token_id=None,
+                               block_size=BLOCK, kv_blocks=kv_blocks)
+
+    roomy = engine(None)
+    expected = roomy.run(requests)
+    pool = roomy.buffers.pool
+    assert pool.used_blocks == 0, "finished sequences kept blocks"
+    peak = expected.stats.kv_peak_bytes // pool.block_bytes
+    one_request = max(c.kv_bytes for c in expected.completions) // pool.block_bytes
+    # Six requests through two slots: a pool of the run's peak only serves them if blocks come back.
+    assert one_request < peak < sum(c.kv_bytes for c in expected.completions) // pool.block_bytes
+    assert expected.stats.kv_reserved_bytes == pool.nbytes() > expected.stats.kv_peak_bytes
+    tight = engine(peak)
+    assert [c.tokens for c in tight.run(requests).completions] == [c.tokens for c in expected.completions]
+    assert tight.buffers.pool.used_blocks == 0 and tight.stats.kv_peak_bytes == expected.stats.kv_peak_bytes
+    short = engine(peak - 1)
+    with pytest.raises(KVPoolExhausted, match="larger kv_blocks"):
+        short.run(requests)
+    assert [c.tokens for c in short.run(requests[:1]).completions] == [expected.completions[0].tokens]
+    assert short.buffers.pool.used_blocks == 0, "a run after an exhausted pool starts from a free pool"
 
 
 def test_sequence_wise_engine_matches_generate_for_vanilla():
     model = _llama()
     engine, _ = _check_against_generate(
-        lambda eos: SequenceWiseEngine(model, num_slots=2, max_len=16, eos_token_id=eos), model)
+        lambda eos: SequenceWiseEngine(model, num_slots=2, max_len=16, eos_token_id=eos, block_size=BLOCK),
+        model)
     assert engine.stats.decode_steps > 0
 
 
@@ -176,6 +216,24 @@ def test_infer_bench_prints_both_throughputs_and_ratios(capsys):
     ratio = values["mor_tokens_per_s"] / values["vanilla_tokens_per_s"]
     assert values["ratio_tokens_per_s"] == pytest.approx(ratio)
     assert 1.0 <= values["mor_mean_recursions"] <= 3.0 and values["vanilla_mean_recursions"] == 1.0
+    for key in ("kv_request_kib", "kv_recursion_kib", "kv_peak_mib", "kv_reserved_mib"):
+        assert values[f"mor_{key}"] > 0 and values[f"vanilla_{key}"] > 0, key
+
+
+def test_recursion_wise_kv_in_use_is_at_most_070_of_vanilla(capsys):
+    """MoR-E, R = 3, recursion-wise caching, routers calibrated to the training capacities (1, 2/3, 1/3):
+    the recursion block holds (R + 1) / (2R) = 0.667 of the vanilla layers' KV, plus partly filled blocks."""
+    status = infer_compare.main(["--hidden-size", "64", "--num-requests", "8", "--prompt-max", "8",
+                                 "--gen-mean", "24", "--gen-std", "4", "--batch-size", "4",
+                                 "--block-size", "4",
+                                 "--repeats", "1", "--json"])
+    assert status == 0
+    values = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert values["kv_mode"] == "recursion_wise" and values["num_recursions"] == 3
+    assert 1.7 <= values["mor_mean_recursions"] <= 2.3, "routing far from the training capacities"
+    assert values["ratio_kv_recursion_kib"] <= 0.70
+    # The prefix and suffix layers cache every token: (2 + 2 * 2) / 8 unrolled layers at these capacities.
+    assert values["ratio_kv_recursion_kib"] < values["ratio_kv_request_kib"] <= 0.80
 
 
 def test_infer_bench_refuses_one_folder_without_the_other(capsys):

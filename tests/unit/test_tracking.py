@@ -7,24 +7,19 @@ import json
 import logging
 import math
 import socket
+import subprocess
+import sys
 import time
 
 import pytest
 import torch
 
 from mor_megatron.config import TrackingConfig
-from mor_megatron.training import metrics as m
-from mor_megatron.training.tracking import (
-    FanOutSink,
-    JsonlSink,
-    MetricSink,
-    NullSink,
-    check_metric_key,
-    flatten_params,
-    resolve_tracking_uri,
-    start_tracking,
-)
-from mor_megatron.training.tracking_mlflow import MlflowSink, TrackingOutage
+from mor_megatron.tracking import metrics as m
+from mor_megatron.tracking.mlflow import MlflowSink, TrackingOutage
+from mor_megatron.tracking.run_info import flatten_params
+from mor_megatron.tracking.sinks import FanOutSink, JsonlSink, MetricSink, NullSink, check_metric_key
+from mor_megatron.tracking.start import resolve_tracking_uri, start_tracking
 
 _MLFLOW_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
                "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER",
@@ -162,11 +157,24 @@ def test_fan_out_forwards_in_order_and_closes_in_reverse():
     assert events[-1] == ("a", "close", "KILLED")
 
 
+@pytest.mark.parametrize(("module", "forbidden"), [
+    ("sinks", ("mlflow", "mor_megatron.tracking.mlflow")),
+    ("metrics", ("mlflow", "mor_megatron.tracking.mlflow")),
+    ("start", ("mlflow",)),  # the backend imports the library lazily: tracking off needs no MLflow
+])
+def test_tracking_imports_run_one_way(module, forbidden):
+    """``tracking.mlflow`` builds on the sinks and the key table, never the reverse (a fresh interpreter)."""
+    code = (f"import sys, mor_megatron.tracking.{module}; "
+            f"loaded = set({forbidden!r}) & set(sys.modules); assert not loaded, loaded")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 def test_tracking_uri_precedence_and_params_flattening(tmp_path, monkeypatch):
-    assert resolve_tracking_uri(None, tmp_path) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    assert resolve_tracking_uri(TrackingConfig(), tmp_path) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
-    assert resolve_tracking_uri(None, tmp_path) == "http://127.0.0.1:5000"
-    assert resolve_tracking_uri("sqlite:////x.db", tmp_path) == "sqlite:////x.db"
+    assert resolve_tracking_uri(TrackingConfig(), tmp_path) == "http://127.0.0.1:5000"
+    assert resolve_tracking_uri(TrackingConfig(tracking_uri="sqlite:////x.db"), tmp_path) == "sqlite:////x.db"
+    assert resolve_tracking_uri(TrackingConfig(enabled=False, tracking_uri="sqlite:////x.db"), tmp_path) is None
     params = flatten_params({**_CONFIG, "long": "y" * 7000})
     assert params["model.hidden_size"] == "64" and params["recursion.capacities"] == "[1.0, 0.5]"
     assert params["checkpoint.save_dir"] == "null" and params["output_dir"] == "runs/x"
@@ -213,9 +221,10 @@ def test_mlflow_sink_on_sqlite_is_readable_through_the_client(sqlite_uri, tmp_pa
 def test_start_tracking_creates_then_resumes_one_run_with_node_system_metrics(tmp_path, sqlite_uri):
     from mlflow.tracking import MlflowClient
 
-    cfg = TrackingConfig(tracking_uri=sqlite_uri, experiment="start-test", run_name="unit")
+    cfg = TrackingConfig(tracking_uri=sqlite_uri, experiment="start-test", run_name="unit",
+                         system_metrics_interval_s=0.2)
     sink, run_id = start_tracking(cfg, run_dir=tmp_path, config_dict=_CONFIG, resume_run_id=None,
-                                  is_logging_rank=True, system_metrics_interval_s=0.2)
+                                  is_logging_rank=True)
     sink.log_metrics({m.TRAIN_LM_LOSS: 2.0}, 1)
     time.sleep(0.5)
     sink.close(status="KILLED")  # preempted: the run waits for its resume
@@ -229,7 +238,7 @@ def test_start_tracking_creates_then_resumes_one_run_with_node_system_metrics(tm
 
     changed = {**_CONFIG, "output_dir": "runs/y"}
     sink, resumed_id = start_tracking(cfg, run_dir=tmp_path, config_dict=changed, resume_run_id=run_id,
-                                      is_logging_rank=True, system_metrics_interval_s=0.2)
+                                      is_logging_rank=True)
     assert resumed_id == run_id and client.get_run(run_id).info.status == "RUNNING"
     sink.log_metrics({m.TRAIN_LM_LOSS: 1.5}, 2)
     sink.close()
@@ -260,7 +269,8 @@ def test_unreachable_server_warns_once_and_never_blocks(tmp_path, caplog):
 
 
 def test_start_tracking_with_unreachable_server_trains_on_jsonl(tmp_path, caplog):
-    cfg = TrackingConfig(tracking_uri=_closed_port_uri(), timeout_s=1.0)
+    cfg = TrackingConfig(tracking_uri=_closed_port_uri(), timeout_s=1.0, system_metrics_interval_s=0.1,
+                         close_timeout_s=5.0)
     with caplog.at_level(logging.WARNING):
         start = time.monotonic()
         sink, run_id = start_tracking(cfg, run_dir=tmp_path, config_dict=_CONFIG, resume_run_id=None,
@@ -270,8 +280,7 @@ def test_start_tracking_with_unreachable_server_trains_on_jsonl(tmp_path, caplog
         sink.close()
         # A resumed job keeps its run id so the next checkpoint still points at the run.
         sink, run_id = start_tracking(cfg, run_dir=tmp_path, config_dict=_CONFIG, resume_run_id="abc123",
-                                      is_logging_rank=True, system_metrics_interval_s=0.1,
-                                      close_timeout_s=5.0)
+                                      is_logging_rank=True)
         assert run_id == "abc123"
         sink.log_metrics({m.TRAIN_LM_LOSS: 0.5}, 2)
         sink.close()

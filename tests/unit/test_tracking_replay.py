@@ -11,7 +11,12 @@ import pytest
 import torch
 
 from mor_megatron.config import TrackingConfig, config_from_dict
-from mor_megatron.training import metrics as m
+from mor_megatron.tracking import metrics as m
+from mor_megatron.tracking.mlflow import LoggedSteps
+from mor_megatron.tracking.replay import read_run_copies, replay
+from mor_megatron.tracking.run_info import default_run_name
+from mor_megatron.tracking.sinks import JsonlSink, read_jsonl
+from mor_megatron.tracking.start import start_tracking
 from mor_megatron.training.console import (
     RunFacts,
     RunOutcome,
@@ -21,9 +26,6 @@ from mor_megatron.training.console import (
     run_summary,
     startup_banner,
 )
-from mor_megatron.training.tracking import JsonlSink, default_run_name, read_jsonl, start_tracking
-from mor_megatron.training.tracking_mlflow import LoggedSteps
-from mor_megatron.training.tracking_replay import read_run_copies, replay
 
 _CONFIG = {"preset": "tiny-mor-e-r3", "model": {"hidden_size": 64}, "output_dir": "runs/x"}
 
@@ -144,10 +146,9 @@ def test_resumed_run_holds_each_step_once_in_jsonl_and_mlflow(tmp_path, sqlite_u
 def test_system_metrics_reach_a_per_node_jsonl_at_their_mlflow_steps(tmp_path, sqlite_uri):
     from mlflow.tracking import MlflowClient
 
-    cfg = TrackingConfig(tracking_uri=sqlite_uri, experiment="system-copy")
+    cfg = TrackingConfig(tracking_uri=sqlite_uri, experiment="system-copy", system_metrics_interval_s=0.2)
     sink, run_id = start_tracking(cfg, run_dir=tmp_path, config_dict=_CONFIG, resume_run_id=None,
-                                  is_logging_rank=True, system_metrics_interval_s=0.2, node_id="node3",
-                                  local_rank=0)
+                                  is_logging_rank=True, node_id="node3", local_rank=0)
     time.sleep(0.7)
     sink.close()
     key = "system/node3/cpu_utilization_percentage"

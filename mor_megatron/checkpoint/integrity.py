@@ -7,6 +7,7 @@ a load first checks every file against it, and a missing, truncated or altered f
 
 Hashing is split over the ranks of the job (file ``i`` goes to rank ``i % world_size``), so a large checkpoint
 costs each rank only its share of one read. Without a process group (conversion) one process does it all.
+:func:`select_intact_step` picks the step a resume loads (either backend).
 """
 
 from __future__ import annotations
@@ -19,11 +20,18 @@ from typing import Any
 
 import torch.distributed as dist
 
+from mor_megatron.checkpoint.errors import CheckpointError
+from mor_megatron.checkpoint.layout import resume_candidates, step_dir_name
+
 logger = logging.getLogger(__name__)
 
 MANIFEST_FILE = "checksums.json"
 _CHUNK_BYTES = 8 << 20
 _FORMAT = 1
+
+
+class CheckpointDamaged(CheckpointError):
+    """A checkpoint step is incomplete or its files fail their checksums; the message names the files."""
 
 
 def file_fingerprint(path: Path) -> dict[str, Any]:
@@ -154,3 +162,39 @@ def damage_report(step_dir: Path, *, marker: str) -> list[str]:
         logger.warning("checkpoint %s has no %s (saved before checksums were recorded): its files are not verified",
                        step_dir, MANIFEST_FILE)
     return problems
+
+
+def select_intact_step(root: Path, *, marker: str, fallback_to_previous: bool) -> int | None:
+    """The step a resume loads: the newest candidate that is complete (holds ``marker``) and passes its checksums.
+
+    Collective when a process group exists (every rank checks a share of the files). A damaged newest step is
+    an error unless ``fallback_to_previous``; then each damaged step is logged and the next older one tried.
+
+    Returns:
+        The step, or None when ``root`` holds no step folder at all.
+
+    Raises:
+        CheckpointDamaged: the newest step is damaged (and no fallback), or every step is.
+    """
+    candidates = resume_candidates(root)
+    for index, step in enumerate(candidates):
+        step_dir = root / step_dir_name(step)
+        problems = damage_report(step_dir, marker=marker)
+        if not problems:
+            return step
+        if not fallback_to_previous:
+            raise CheckpointDamaged(damage_message(step_dir, problems, has_previous=index + 1 < len(candidates)))
+        logger.warning("checkpoint %s is damaged (%s); checkpoint.fallback_to_previous=true: trying the previous "
+                       "step", step_dir, "; ".join(problems))
+    if candidates:
+        raise CheckpointDamaged(f"no intact checkpoint under {root}: steps {candidates} are all damaged or "
+                                "incomplete (see the warnings above); start a new checkpoint.save_dir")
+    return None
+
+
+def damage_message(step_dir: Path, problems: list[str], *, has_previous: bool) -> str:
+    """The error text for a damaged step: its problems and the way out."""
+    fix = ("set checkpoint.fallback_to_previous=true to resume from the newest intact earlier step, or restore "
+           "the folder from a copy" if has_previous else "restore the folder from a copy, or start a new "
+           "checkpoint.save_dir")
+    return f"checkpoint {step_dir} is damaged or incomplete: {'; '.join(problems)}. To go on, {fix}"

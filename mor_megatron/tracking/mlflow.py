@@ -4,7 +4,8 @@ A dead or missing tracking server never stops training: every MLflow call runs i
 short HTTP timeouts and one retry (:func:`configure_mlflow_http`); the first failure is reported once
 (``logging`` WARNING) naming the tracking URI and where the data still is (the JSONL copy); later calls are
 dropped until ``retry_after_s`` has passed, then tried again, so a restarted server picks the run up again.
-MLflow itself is imported inside the functions, so importing this module is cheap.
+MLflow itself (the library: imports are absolute) is imported inside the functions, so importing this
+module is cheap. It builds on :mod:`.sinks`, which never imports it.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mor_megatron.training.tracking import (
+from mor_megatron.tracking.sinks import (
     MAX_PARAM_VALUE_LENGTH,
     JsonlSink,
     NullSink,
@@ -37,8 +38,8 @@ if TYPE_CHECKING:
 _log = logging.getLogger(__name__)
 
 # MLflow 3.17 request limits (mlflow/utils/validation.py).
-_MAX_PARAMS_PER_BATCH = 100
-_MAX_METRICS_PER_BATCH = 1000
+MAX_PARAMS_PER_BATCH = 100
+MAX_METRICS_PER_BATCH = 1000
 
 _SINK_THREAD = "mor-mlflow-sink"
 _SYSTEM_THREAD = "mor-system-metrics"
@@ -207,8 +208,8 @@ class MlflowSink:
         timestamp_ms = int(time.time() * 1000)
         entries = [self._metric_cls(check_metric_key(key), float(value), timestamp_ms, int(step))
                    for key, value in metrics.items() if self._logged.is_new(key, int(step))]
-        for start in range(0, len(entries), _MAX_METRICS_PER_BATCH):
-            chunk = entries[start:start + _MAX_METRICS_PER_BATCH]
+        for start in range(0, len(entries), MAX_METRICS_PER_BATCH):
+            chunk = entries[start:start + MAX_METRICS_PER_BATCH]
             self._submit(_Call(f"logging metrics at step {step}",
                                lambda chunk=chunk: self._client.log_batch(self.run_id, metrics=chunk)))
 
@@ -216,8 +217,8 @@ class MlflowSink:
         """Queue params (values cut to MLflow's 6000 characters, 100 per request)."""
         entries = [self._param_cls(check_metric_key(key), str(value)[:MAX_PARAM_VALUE_LENGTH])
                    for key, value in params.items()]
-        for start in range(0, len(entries), _MAX_PARAMS_PER_BATCH):
-            chunk = entries[start:start + _MAX_PARAMS_PER_BATCH]
+        for start in range(0, len(entries), MAX_PARAMS_PER_BATCH):
+            chunk = entries[start:start + MAX_PARAMS_PER_BATCH]
             self._submit(_Call("logging params",
                                lambda chunk=chunk: self._client.log_batch(self.run_id, params=chunk)))
 
@@ -448,8 +449,7 @@ def _create_or_resume(client: MlflowClient, cfg: TrackingConfig, *, tracking_uri
 
 
 def open_run(cfg: TrackingConfig, *, tracking_uri: str, run_dir: Path, spec: RunSpec,
-             resume_run_id: str | None, outage: TrackingOutage,
-             close_timeout_s: float) -> tuple[MlflowSink | None, str | None]:
+             resume_run_id: str | None, outage: TrackingOutage) -> tuple[MlflowSink | None, str | None]:
     """Logging rank: create (or resume by id) the run and queue ``spec.params`` and the config YAML artifact.
 
     Returns the sink and the run id. Unreachable at a fresh start: reported through ``outage``, (None, None).
@@ -473,8 +473,8 @@ def open_run(cfg: TrackingConfig, *, tracking_uri: str, run_dir: Path, spec: Run
     run_id = opened.run_id if opened is not None else resume_run_id
     logged = (LoggedSteps(opened.latest_step, None) if opened is not None
               else LoggedSteps({}, spec.superseded_step))
-    sink = MlflowSink(tracking_uri, run_id, outage=outage, timeout_s=cfg.timeout_s,
-                      close_timeout_s=close_timeout_s, logged=logged, upload_at_close=spec.upload_at_close)
+    sink = MlflowSink(tracking_uri, run_id, outage=outage, timeout_s=cfg.timeout_s, logged=logged,
+                      close_timeout_s=cfg.close_timeout_s, upload_at_close=spec.upload_at_close)
     if resume_run_id is None or run_id != resume_run_id:
         sink.log_params(spec.params)
         sink.log_artifact_text("config.yaml", spec.config_yaml)

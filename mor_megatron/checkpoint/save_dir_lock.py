@@ -27,7 +27,7 @@ from pathlib import Path
 import psutil
 import torch.distributed as dist
 
-from mor_megatron.training.checkpoint import CheckpointError
+from mor_megatron.checkpoint.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Training metrics: the one table of metric keys, and pure helpers that compute values for them.
 
-Nothing here sends anything anywhere; sinks live in :mod:`mor_megatron.training.tracking`, which checks every
+Nothing here sends anything anywhere; sinks live in :mod:`mor_megatron.tracking.sinks`, which checks every
 key against MLflow's key rules. Keys are slash namespaces with the unit as a suffix (``perf/step_time_s``,
 ``mem/peak_reserved_gib``) because MLflow refuses characters such as ``(`` or ``:``.
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import resource
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -76,17 +76,18 @@ STATIC_KEYS = (
 """Every fixed key; per-node and job-wide memory keys come from :func:`node_key` and :func:`job_max_key`."""
 
 
-def held_parameters(parameters: Iterable[torch.nn.Parameter]) -> tuple[int, int]:
+def held_parameters(parameters: Iterable[torch.nn.Parameter],
+                    numel: Callable[[torch.nn.Parameter], int] = torch.nn.Parameter.numel) -> tuple[int, int]:
     """(elements this rank holds, how many of them are a pipeline copy of the tied word embedding).
 
     With pipeline parallelism and tied embeddings, the last stage keeps its own copy of the first stage's
     word embedding as the output layer; megatron marks that copy ``shared`` and ``shared_embedding`` (the
-    first stage's original only ``shared_embedding``). Under DeepSpeed ZeRO-3 a parameter holds only its
-    partition; ``ds_numel`` is its full size.
+    first stage's original only ``shared_embedding``). ``numel`` gives a parameter's full size where the
+    engine partitions parameters (the engine's ``held_parameters`` passes it).
     """
     held = copies = 0
     for param in parameters:
-        size = getattr(param, "ds_numel", param.numel())
+        size = numel(param)
         held += size
         if getattr(param, "shared", False) and getattr(param, "shared_embedding", False):
             copies += size

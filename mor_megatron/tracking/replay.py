@@ -1,7 +1,7 @@
 """Upload to MLflow what a job's JSONL copy has and the server lacks (``mor-track replay``).
 
 The logging rank writes every metric to ``metrics.jsonl`` before MLflow sees it, and each node leader copies
-its system metrics to ``system_metrics/<node>.jsonl`` beside it (:mod:`mor_megatron.training.tracking`). A
+its system metrics to ``system_metrics/<node>.jsonl`` beside it (:mod:`mor_megatron.tracking.sinks`). A
 ``run`` record names the MLflow run the following records belong to. After a tracking outage the server
 misses the points logged while it was down; replay reads the copies, asks the server which (key, step)
 points each run holds, uploads only the others, adds params the run lacks and sets the run's status from the
@@ -16,11 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mor_megatron.training.tracking import MAX_PARAM_VALUE_LENGTH, SYSTEM_METRICS_DIR, read_jsonl
-
-# MLflow 3.17 request limits (mlflow/utils/validation.py).
-_MAX_METRICS_PER_BATCH = 1000
-_MAX_PARAMS_PER_BATCH = 100
+from mor_megatron.tracking.mlflow import MAX_METRICS_PER_BATCH, MAX_PARAMS_PER_BATCH, configure_mlflow_http
+from mor_megatron.tracking.sinks import MAX_PARAM_VALUE_LENGTH, SYSTEM_METRICS_DIR, read_jsonl
 
 
 @dataclass
@@ -93,13 +90,13 @@ def replay_run(client, run: RunCopy) -> dict[str, Any]:
     missing = sorted((point for point in run.points if point not in on_server), key=lambda p: (p[1], p[0]))
     metrics = [Metric(key, run.points[(key, step)][0], int(run.points[(key, step)][1] * 1000), step)
                for key, step in missing]
-    for start in range(0, len(metrics), _MAX_METRICS_PER_BATCH):
-        client.log_batch(run.run_id, metrics=metrics[start:start + _MAX_METRICS_PER_BATCH])
+    for start in range(0, len(metrics), MAX_METRICS_PER_BATCH):
+        client.log_batch(run.run_id, metrics=metrics[start:start + MAX_METRICS_PER_BATCH])
     server_run = client.get_run(run.run_id)
     params = [Param(key, value[:MAX_PARAM_VALUE_LENGTH]) for key, value in sorted(run.params.items())
               if key not in server_run.data.params]
-    for start in range(0, len(params), _MAX_PARAMS_PER_BATCH):
-        client.log_batch(run.run_id, params=params[start:start + _MAX_PARAMS_PER_BATCH])
+    for start in range(0, len(params), MAX_PARAMS_PER_BATCH):
+        client.log_batch(run.run_id, params=params[start:start + MAX_PARAMS_PER_BATCH])
     status_set = None
     if run.status is not None and server_run.info.status != run.status:
         end_ms = int(run.end_time * 1000) if run.end_time is not None else None
@@ -118,8 +115,6 @@ def replay(metrics_jsonl: Path, *, tracking_uri: str | None = None,
     the server refuses or cannot be reached.
     """
     from mlflow.tracking import MlflowClient
-
-    from mor_megatron.training.tracking_mlflow import configure_mlflow_http
 
     runs, orphans = read_run_copies(metrics_jsonl)
     if not runs:
