@@ -64,6 +64,8 @@ class MoRBlock(TransformerBlock):
         self.shared_kv = (SharedKV(recursion.num_recursions - 1, detach=self.pp_size > 1)
                           if recursion.kv_mode == "shared" else None)
         """First-recursion K/V between the recursions of a micro-batch (kv_mode `shared`)."""
+        self._active_masks: list[Tensor] | None = None
+        """While :meth:`recording_active_masks` is open: each recursion's ``[b, s]`` active-token mask."""
 
     def _build_layers(self) -> None:
         """Build the unique layers this pipeline rank holds (all of them without pipeline parallelism)."""
@@ -128,7 +130,7 @@ class MoRBlock(TransformerBlock):
                 attention_bias: Tensor | None = None, inference_context=None, packed_seq_params=None,
                 sequence_len_offset=None, padding_mask: Tensor | None = None, *,
                 routing_mode: RoutingMode = "topk", recursion_chunk: int | None = None,
-                inference_params=None) -> Tensor:
+                position_ids: Tensor | None = None, inference_params=None) -> Tensor:
         """Run the decoder on ``hidden_states`` ``[s, b, h]`` and return ``[s, b, h]``.
 
         The forward is the loop over recursions; without pipeline parallelism it runs every recursion in one
@@ -142,6 +144,8 @@ class MoRBlock(TransformerBlock):
             attention_mask: None for causal attention, or a ``[b, 1, s, s]`` bool mask (True = masked),
                 e.g. for document masking; it is restricted to the active tokens at each recursion.
             rotary_pos_emb: RoPE frequencies ``[s, 1, 1, d]`` from GPTModel.
+            position_ids: ``[b, s]`` positions to rotate at instead of ``0..s-1`` (packed documents that
+                restart at 0, ``data.reset_position_ids``); megatron's GPTModel does not apply them to RoPE.
             routing_mode: `topk` (training routing) or `causal` (threshold routing, what serving runs).
             recursion_chunk: with pipeline parallelism, the recursion to run on this rank's slice.
         """
@@ -150,6 +154,8 @@ class MoRBlock(TransformerBlock):
                                       "mor_megatron.inference (recursion-wise KV cache)")
         if isinstance(hidden_states, WrappedTensor):
             hidden_states = hidden_states.unwrap()
+        if position_ids is not None and rotary_pos_emb is not None:
+            rotary_pos_emb = rotary_pos_emb[position_ids.t()].squeeze(2)  # [s, b, 1, d]
         if self.pp_size > 1:
             if recursion_chunk is None:
                 raise ValueError("with pipeline parallelism, MoRBlock runs one recursion chunk per call")
@@ -221,6 +227,9 @@ class MoRBlock(TransformerBlock):
                 aux_losses.append(decision.aux_loss)
         elif state.depth is not None:
             state.active = ActiveTokens.from_mask(state.depth >= r)
+        if self._active_masks is not None:
+            self._active_masks.append(hidden.new_ones(batch, seq_length, dtype=torch.bool) if state.active is None
+                                      else state.active.mask())
         if state.active is None:
             self.router_stats.add("active_frac", hidden.new_ones(()), r)
             return
@@ -271,6 +280,22 @@ class MoRBlock(TransformerBlock):
         else:
             new = expert_choice_update(state.gather(state.hidden), state.gate, state.work)
         state.hidden = state.scatter(state.hidden, new)
+
+    @contextmanager
+    def recording_active_masks(self) -> Iterator[list[Tensor]]:
+        """Collect, for the forwards run inside, each recursion's ``[b, s]`` bool mask of the tokens that ran it.
+
+        The masks are the routing's own decisions (``state.active``), so a depth map reads what the model did
+        rather than re-deriving it. They are taken on the first pipeline stage, where the routing happens.
+        """
+        if self.pp_rank != 0:
+            raise RuntimeError("recursion masks are recorded on the first pipeline stage, where routing runs")
+        masks: list[Tensor] = []
+        self._active_masks = masks
+        try:
+            yield masks
+        finally:
+            self._active_masks = None
 
     @contextmanager
     def _kv_share_sessions(self) -> Iterator[dict[int, KVShareSession] | None]:

@@ -7,6 +7,7 @@ embeddings, loss and ``set_input_tensor`` are GPTModel's own.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from megatron.core.models.gpt.gpt_model import GPTModel
@@ -54,16 +55,18 @@ class MoRGPTModel(GPTModel):
         """Token ids ``[b, s]`` -> per-token loss ``[b, s]`` when ``labels`` are given, else logits ``[b, s, V/tp]``.
 
         ``routing_mode`` `causal` runs the threshold routing that serving uses; `topk` is training routing.
-        With pipeline parallelism each call runs one recursion chunk (virtual stage) of this rank: the input
-        comes from ``set_input_tensor`` except for chunk 0 on the first rank, and the output is the packed
-        stage tensor except for the last chunk on the last rank.
+        ``position_ids`` ``[b, s]`` are the positions RoPE rotates at (packed documents may restart at 0);
+        None means ``0..s-1``. ``attention_mask`` is None (causal) or ``[b, 1, s, s]`` bool, True = masked
+        (document masking). With pipeline parallelism each call runs one recursion chunk (virtual stage) of this
+        rank: the input comes from ``set_input_tensor`` except for chunk 0 on the first rank, and the output is
+        the packed stage tensor except for the last chunk on the last rank.
         """
         if recursion_chunk is not None:
             return self._forward_chunk(input_ids, position_ids, attention_mask, labels, loss_mask, routing_mode,
                                        recursion_chunk)
         return super().forward(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
                                decoder_input=decoder_input, labels=labels, loss_mask=loss_mask,
-                               extra_block_kwargs={"routing_mode": routing_mode})
+                               extra_block_kwargs={"routing_mode": routing_mode, "position_ids": position_ids})
 
     def _forward_chunk(self, input_ids, position_ids, attention_mask, labels, loss_mask, routing_mode,
                        recursion_chunk: int) -> Tensor:
@@ -72,7 +75,7 @@ class MoRGPTModel(GPTModel):
         embedded = self.embedding(input_ids=input_ids, position_ids=position_ids) if is_first else None
         rotary_pos_emb = self.rotary_pos_emb(self.decoder.packing.seq_length)
         hidden = self.decoder(hidden_states=embedded, attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb,
-                              routing_mode=routing_mode, recursion_chunk=recursion_chunk)
+                              routing_mode=routing_mode, recursion_chunk=recursion_chunk, position_ids=position_ids)
         if not is_last:
             return hidden
         return self._postprocess(hidden_states=hidden, input_ids=input_ids, position_ids=position_ids,
@@ -87,6 +90,22 @@ class MoRGPTModel(GPTModel):
     def pop_router_stats(self) -> dict[str, float]:
         """Router statistics (means over forwards since the last call), keyed ``router/<name>[/r<n>]``."""
         return self.decoder.router_stats.pop()
+
+    @torch.no_grad()
+    def token_depths(self, input_ids: Tensor, position_ids: Tensor, routing_mode: RoutingMode = "causal",
+                     attention_mask: Tensor | None = None) -> Tensor:
+        """``[b, s]`` int64: how many recursions of the shared block each token ran in one forward.
+
+        Read from the routing's own decisions (:meth:`MoRBlock.recording_active_masks`), for any routing and KV
+        mode: every recursion under routing `none`, the token's assigned depth + 1 under token-choice, the
+        recursions that kept it under expert-choice (0 when the first recursion dropped it). One process
+        without pipeline parallelism; like any forward, it adds to the router statistics.
+        """
+        if self.decoder.pp_size > 1:
+            raise RuntimeError("token_depths runs the whole model in one process (no pipeline parallelism)")
+        with self.decoder.recording_active_masks() as masks:
+            self(input_ids, position_ids, attention_mask, routing_mode=routing_mode)
+        return torch.stack(masks).sum(dim=0)
 
     def update_router_bias(self, rate: float, group=None) -> None:
         """Loss-free token-choice balancing step; call once after each optimizer step (no-op otherwise)."""

@@ -505,6 +505,15 @@ class MoRForCausalLM(MoRPreTrainedModel, GenerationMixin):
         """The LM head."""
         return self.lm_head
 
+    @torch.no_grad()
+    def token_depths(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                     routing_mode: RoutingMode = "causal") -> Tensor:
+        """``[b, s]`` int64: how many recursions each token ran (0 for padding), summed from the forward's own
+        recursion masks so that it shows the routing this code runs (what serving runs with `causal`)."""
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                         routing_mode=routing_mode)
+        return torch.stack(out.recursion_masks).sum(dim=0)
+
     def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
                 position_ids: Tensor | None = None, cache: MoRCache | None = None,
                 inputs_embeds: Tensor | None = None, labels: Tensor | None = None,
