@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from mor_megatron.cli.megatron_flags import add_megatron_flags, megatron_flag_overrides
@@ -65,17 +66,43 @@ def launcher_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
 
 
-def run_job(prog: str, config: JobConfig, engine_factory: EngineFactory, *,
-            virtual_pipeline_size: int | None = None) -> int:
+def check_then_run(prog: str, args: argparse.Namespace, checked: str, engine_factory: Callable[[], EngineFactory],
+                   extra_check: Callable[[JobConfig], None] | None = None) -> int:
+    """What both entry points do: the config from the command line, validated (and ``extra_check``-ed) with its
+    data before any process group exists (exit 2 with one line on an error), ``--print-config`` / ``--check``,
+    else the job on ``engine_factory()``'s engine (imported only then: the checks stay light)."""
+    try:
+        config = config_from_command_line(args)
+        if args.print_config:
+            print_config(config)
+            return 0
+        validate(config, world_size=launcher_world_size())
+        if extra_check is not None:
+            extra_check(config)
+        from mor_megatron.data.datasets import check_data
+
+        data_summaries = check_data(config.data, config.model.vocab_size)
+    except ConfigError as err:
+        print(f"{prog}: config error: {err}", file=sys.stderr)
+        return 2
+    if args.check:
+        print_check_report(prog, checked, data_summaries)
+        return 0
+    return run_job(prog, config, engine_factory())
+
+
+def run_job(prog: str, config: JobConfig, engine_factory: EngineFactory) -> int:
     """One job on this rank: process groups, the training loop on ``engine_factory``'s engine, teardown of all
     three. Exit status 2 with one line (rank 0) when the checkpoint refuses the resume (locked save_dir, damaged
     checkpoint, changed model config), which only a person can resolve."""
     from mor_megatron.checkpoint.errors import CheckpointError
     from mor_megatron.checkpoint.resume_config import ConfigChangedOnResume
+    from mor_megatron.model.builder import virtual_pipeline_size
     from mor_megatron.runtime import destroy_distributed, init_distributed
     from mor_megatron.training.trainer import Trainer
 
-    ctx = init_distributed(config.parallel, seed=config.train.seed, virtual_pipeline_size=virtual_pipeline_size)
+    ctx = init_distributed(config.parallel, seed=config.train.seed,
+                           virtual_pipeline_size=virtual_pipeline_size(config.recursion, config.parallel))
     failed = True
     try:
         trainer = Trainer(config, ctx, engine_factory)
@@ -97,28 +124,13 @@ def run_job(prog: str, config: JobConfig, engine_factory: EngineFactory, *,
 def main(argv: list[str] | None = None) -> int:
     silence_known_warnings()
     parser = build_parser("mor-pretrain", __doc__.splitlines()[0], "validate the config and data, then exit")
-    args = parse_command_line(parser, argv)
-    try:
-        config = config_from_command_line(args)
-        if args.print_config:
-            print_config(config)
-            return 0
-        validate(config, world_size=launcher_world_size())
-        from mor_megatron.data.datasets import check_data
+    return check_then_run("mor-pretrain", parse_command_line(parser, argv), "config and data", _megatron_engine)
 
-        data_summaries = check_data(config.data, config.model.vocab_size)
-    except ConfigError as err:
-        print(f"mor-pretrain: config error: {err}", file=sys.stderr)
-        return 2
-    if args.check:
-        print_check_report("mor-pretrain", "config and data", data_summaries)
-        return 0
 
-    from mor_megatron.model.builder import virtual_pipeline_size
+def _megatron_engine() -> EngineFactory:
     from mor_megatron.training.megatron_engine import MegatronEngine
 
-    return run_job("mor-pretrain", config, MegatronEngine,
-                   virtual_pipeline_size=virtual_pipeline_size(config.recursion, config.parallel))
+    return MegatronEngine
 
 
 if __name__ == "__main__":

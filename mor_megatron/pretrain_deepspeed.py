@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
 from mor_megatron.cli.quiet import silence_known_warnings
-from mor_megatron.config import ConfigError, validate
-from mor_megatron.pretrain import (build_parser, config_from_command_line, launcher_world_size, parse_command_line,
-                                   print_check_report, print_config, run_job)
+from mor_megatron.config import JobConfig
+from mor_megatron.pretrain import build_parser, check_then_run, launcher_world_size, parse_command_line
+
+if TYPE_CHECKING:
+    from mor_megatron.training.trainer import EngineFactory
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -30,31 +33,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     silence_known_warnings()
-    args = parse_args(argv)
-    try:
-        config = config_from_command_line(args)
-        if args.print_config:
-            print_config(config)
-            return 0
-        validate(config, world_size=launcher_world_size())
-        import torch
+    return check_then_run("mor-pretrain-deepspeed", parse_args(argv), "config, DeepSpeed JSON and data",
+                          _deepspeed_engine, extra_check=_check_deepspeed)
 
-        from mor_megatron.data.datasets import check_data
-        from mor_megatron.training.deepspeed_config import check_deepspeed_job
 
-        device_type = "cuda" if torch.cuda.is_available() else "cpu"
-        check_deepspeed_job(config, world_size=launcher_world_size(), device_type=device_type)
-        data_summaries = check_data(config.data, config.model.vocab_size)
-    except ConfigError as err:
-        print(f"mor-pretrain-deepspeed: config error: {err}", file=sys.stderr)
-        return 2
-    if args.check:
-        print_check_report("mor-pretrain-deepspeed", "config, DeepSpeed JSON and data", data_summaries)
-        return 0
+def _check_deepspeed(config: JobConfig) -> None:
+    import torch
 
+    from mor_megatron.training.deepspeed_config import check_deepspeed_job
+
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    check_deepspeed_job(config, world_size=launcher_world_size(), device_type=device_type)
+
+
+def _deepspeed_engine() -> EngineFactory:
     from mor_megatron.training.deepspeed_engine import DeepSpeedEngine
 
-    return run_job("mor-pretrain-deepspeed", config, DeepSpeedEngine)
+    return DeepSpeedEngine
 
 
 if __name__ == "__main__":

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from mor_megatron.cli.quiet import silence_known_warnings
+from mor_megatron.cli.summary import print_summary
 
 
 def _to_hf(args: argparse.Namespace) -> dict[str, Any]:
@@ -99,13 +99,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
     run: Callable[[argparse.Namespace], dict[str, Any]] = args.run
-    try:
-        summary = run(args)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"mor-convert {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary))
-    return 0
+    return print_summary(f"mor-convert {args.command}", lambda: run(args),
+                         bad_input=(ValueError, FileNotFoundError))
 
 
 if __name__ == "__main__":

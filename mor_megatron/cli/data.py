@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from mor_megatron.cli.quiet import silence_known_warnings
+from mor_megatron.cli.summary import print_summary
 
 
 def _corpus(args: argparse.Namespace) -> dict[str, Any]:
@@ -117,13 +117,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     silence_known_warnings()
     args = _parser().parse_args(argv)
     run: Callable[[argparse.Namespace], dict[str, Any]] = args.run
-    try:
-        summary = run(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
-        print(f"mor-data {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary))
-    return 0
+    return print_summary(f"mor-data {args.command}", lambda: run(args),
+                         bad_input=(ValueError, FileNotFoundError, FileExistsError))
 
 
 if __name__ == "__main__":

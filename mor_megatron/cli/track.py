@@ -13,10 +13,10 @@ one JSON summary line; exit status 2 on bad input (no JSONL, no run in it), 1 wh
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import sys
 from pathlib import Path
+
+from mor_megatron.cli.summary import print_summary
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -41,18 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     from mor_megatron.tracking.replay import replay
 
     jsonl = args.jsonl or args.run_dir / "metrics.jsonl"
-    try:
-        # MLflow writes "View run ... at: URL" to stdout when it ends a run on a server; stdout is the summary's.
-        with contextlib.redirect_stdout(sys.stderr):
-            summary = replay(jsonl, tracking_uri=args.tracking_uri, timeout_s=args.timeout_s)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"mor-track: {err}", file=sys.stderr)
-        return 2
-    except (MlflowException, requests.RequestException, OSError) as err:
-        print(f"mor-track: replay failed: {type(err).__name__}: {err}", file=sys.stderr)
-        return 1
-    print(json.dumps(summary))
-    return 0
+    return print_summary("mor-track replay",
+                         lambda: replay(jsonl, tracking_uri=args.tracking_uri, timeout_s=args.timeout_s),
+                         bad_input=(FileNotFoundError, ValueError),
+                         failures=(MlflowException, requests.RequestException, OSError))
 
 
 if __name__ == "__main__":

@@ -9,13 +9,12 @@ summary line. Exit status 2 on bad input, with one error line on stderr.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from mor_megatron.cli.quiet import silence_known_warnings
+from mor_megatron.cli.summary import print_summary
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -42,7 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from mor_megatron.viz.depth import write_depth_map
     from mor_megatron.viz.models import DepthInputError, depth_map
 
-    try:
+    def run() -> dict:
         if Path(args.out).exists() and not Path(args.out).is_dir():
             raise DepthInputError(f"--out {args.out!r} exists and is not a folder")
         if args.input is not None:
@@ -52,15 +51,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise DepthInputError(f"cannot read --input {args.input!r}: {err}") from err
         else:
             text = args.text
-        # Libraries print notes on stdout (transformers: the export's custom code), which carries only the summary.
-        with contextlib.redirect_stdout(sys.stderr):
-            summary = write_depth_map(depth_map(args.model, text, routing_mode=args.routing,
-                                                tokenizer=args.tokenizer), Path(args.out))
-    except DepthInputError as err:
-        print(f"mor-viz depth: error: {err}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary))
-    return 0
+        return write_depth_map(depth_map(args.model, text, routing_mode=args.routing, tokenizer=args.tokenizer),
+                               Path(args.out))
+
+    return print_summary("mor-viz depth", run, bad_input=(DepthInputError,))
 
 
 if __name__ == "__main__":
