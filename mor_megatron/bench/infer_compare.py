@@ -1,15 +1,17 @@
 """``mor-bench infer``: generation throughput of a MoR model vs the vanilla model of the same unrolled depth.
 
     mor-bench infer [--preset tiny-mor-e-r3] [--hidden-size 256] [--num-requests 32] [--batch-size 8]
-                    [--mor-slots N] [--gen-mean 64] [--gen-std 16] [--repeats 3] [--json]
+                    [--mor-slots N] [--block-size 16] [--gen-mean 64] [--gen-std 16] [--repeats 3] [--json]
     mor-bench infer --mor-dir hf/mor --vanilla-dir hf/vanilla ...
 
 Models. By default both are built with random weights (seed 0) from a preset (``mor_megatron.config``), the
 MoR one as a Hugging Face ``MoRForCausalLM`` and the baseline as a ``LlamaForCausalLM`` with the MoR model's
 unrolled depth and the same width, heads and vocabulary (what ``mor-convert to-hf`` exports for vanilla runs).
-``--mor-dir``/``--vanilla-dir`` load exported folders instead. A random router keeps about half the tokens at
-each recursion of capacity < 1 (the sign of a random projection), so the printed mean recursions per token
-may differ from a trained model's; the training capacities' value is printed beside it.
+``--mor-dir``/``--vanilla-dir`` load exported folders instead. A random expert-choice router would keep about
+half the tokens at each recursion of capacity < 1 (the sign of a random projection), so the random model's
+router rows are calibrated (:func:`calibrate_router`) to keep about the training capacities' share of the
+tokens at each recursion (1, 2/3, 1/3 for R = 3), the depth distribution a trained router is taught; the
+recursions per token the capacities imply are printed beside the measured ones.
 
 Workload (the paper's App. C setup, scaled to a CPU): ``--num-requests`` prompts of random token ids, prompt
 lengths uniform in ``[--prompt-min, --prompt-max]``, generation lengths drawn from Normal(``--gen-mean``,
@@ -20,13 +22,19 @@ Engines (:mod:`mor_megatron.inference.engine`): the MoR model runs continuous de
 ``--batch-size`` tokens per pass through the shared block and ``--mor-slots`` resident sequences (default
 ``2 * batch-size``, so passes stay full while tokens exit early); the vanilla model runs continuous
 sequence-wise batching with ``--batch-size`` resident sequences, all decoded every step. Both refill freed
-slots from the queue at once and keep K/V in static buffers.
+slots from the queue at once and keep K/V in a paged cache of ``--block-size``-token blocks, one pool for all
+layers sized for the worst case (:mod:`mor_megatron.inference.kv_buffers`).
 
 Measurement. One untimed warm-up run of each engine on the first requests, then ``--repeats`` timed runs of
 the whole workload per engine, alternating which goes first, in one process: reported are the medians of
 generated tokens per second of a whole run (prefills included), of decoding alone (generated tokens after each
 prompt's first / time outside prefills), and of tokens per CPU second (``time.process_time``, all threads:
-steadier than wall time on a shared machine), and MoR/vanilla ratios of each. It asserts nothing.
+steadier than wall time on a shared machine), and MoR/vanilla ratios of each. KV memory is the bytes of the
+KV blocks in use: per request (the blocks a sequence holds when it finishes, its largest footprint, averaged
+over the requests; independent of how many sequences are resident) for the whole model and for the recursion
+block (the shared block's sites, against the vanilla layers at the same unrolled positions; the paper's
+``(R + 1) / (2R)`` quantity), and the peak over a run, which also scales with the resident sequences
+(``--mor-slots`` vs ``--batch-size``). It asserts nothing.
 """
 
 from __future__ import annotations
@@ -50,7 +58,14 @@ class EngineMeasure:
     tokens_per_s: float
     decode_tokens_per_s: float
     cpu_tokens_per_s: float
-    kv_buffer_mib: float
+    kv_request_kib: float
+    """KV bytes in use per request (its blocks when it finished, mean over the requests), all layers."""
+    kv_recursion_kib: float
+    """The part of ``kv_request_kib`` in the recursion block (vanilla: its layers at the same positions)."""
+    kv_peak_mib: float
+    """Most KV bytes in use at once in the last run."""
+    kv_reserved_mib: float
+    """The KV block pool (worst case for the engine's slots and max_len)."""
     mean_recursions: float
     """Recursions run per generated token fed back (vanilla: 1, its whole stack counts as one pass)."""
     mixed_depth_fraction: float
@@ -68,9 +83,10 @@ class InferComparison:
     vanilla: EngineMeasure
 
     def ratios(self) -> dict[str, float]:
-        """MoR / vanilla of each throughput."""
+        """MoR / vanilla of each throughput and KV measure."""
         return {name: getattr(self.mor, name) / getattr(self.vanilla, name)
-                for name in ("tokens_per_s", "decode_tokens_per_s", "cpu_tokens_per_s")}
+                for name in ("tokens_per_s", "decode_tokens_per_s", "cpu_tokens_per_s", "kv_request_kib",
+                             "kv_recursion_kib", "kv_peak_mib")}
 
 
 def random_models(preset_name: str, *, hidden_size: int | None, max_len: int, seed: int):
@@ -113,6 +129,68 @@ def random_models(preset_name: str, *, hidden_size: int | None, max_len: int, se
     return mor, vanilla
 
 
+def calibrate_router(model, sequences: list[list[int]], *, steps: int = 16) -> list[float]:
+    """Shift an expert-choice router so that about ``capacities[r]`` of the tokens run recursion ``r``.
+
+    Random router rows keep a token at recursion ``r`` when a random projection of its hidden state is
+    positive, about half of the candidates. The router has no bias, but the hidden states share a mean
+    direction ``m``, so row ``r`` gets ``beta_r * m / |m|`` added, ``beta_r`` found by bisection on the
+    share of the tokens of ``sequences`` (one left-padded batch, causal routing) that run recursion ``r``;
+    recursions of capacity >= 1 keep every token anyway. Returns the shares reached per recursion.
+    """
+    config = model.config
+    if config.routing != "expert_choice":
+        raise ValueError(f"calibrate_router: expert-choice routing only, got {config.routing!r}")
+    longest = max(len(sequence) for sequence in sequences)
+    ids = torch.full((len(sequences), longest), config.pad_token_id or 0, dtype=torch.long,
+                     device=model.device)
+    real = torch.zeros_like(ids, dtype=torch.bool)
+    for row, sequence in enumerate(sequences):
+        ids[row, longest - len(sequence):] = torch.tensor(sequence)
+        real[row, longest - len(sequence):] = True
+    router = model.model.router
+    seen: list[torch.Tensor] = []
+    logits = router.logits
+
+    def capture(hidden, recursion_idx=None):
+        seen.append(hidden.detach().reshape(-1, hidden.shape[-1]).float())
+        return logits(hidden, recursion_idx)
+
+    def shares() -> list[float]:
+        with torch.no_grad():
+            masks = model(ids, attention_mask=real.long(), output_recursion_masks=True).recursion_masks
+        return [float((mask & real).sum() / real.sum()) for mask in masks]
+
+    router.logits = capture  # an instance attribute, removed below: the class method comes back
+    try:
+        with torch.no_grad():
+            for sequence in sequences:  # unpadded, so that padding does not shift the mean
+                model(torch.tensor([sequence], device=model.device))
+    finally:
+        del router.logits
+    mean = torch.cat(seen).mean(dim=0)
+    direction = (mean / mean.norm()).to(router.weight.dtype)
+    with torch.no_grad():
+        for r, capacity in enumerate(config.capacities):
+            if capacity >= 1.0:
+                continue
+            row = router.weight[r].clone()
+            low, high = -1.0, 1.0
+            for _ in range(20):  # widen until the target share lies between the two ends
+                router.weight[r] = row + low * direction
+                below = shares()[r] <= capacity
+                router.weight[r] = row + high * direction
+                if below and shares()[r] >= capacity:
+                    break
+                low, high = 2 * low, 2 * high
+            for _ in range(steps):
+                middle = (low + high) / 2
+                router.weight[r] = row + middle * direction
+                low, high = (middle, high) if shares()[r] < capacity else (low, middle)
+            router.weight[r] = row + (low + high) / 2 * direction
+    return shares()
+
+
 def load_models(mor_dir: str, vanilla_dir: str, dtype: torch.dtype):
     """Exported Hugging Face folders (``mor-convert to-hf``), eval mode."""
     from transformers import AutoModelForCausalLM
@@ -138,28 +216,43 @@ def _timed(engine, requests: list[Request]) -> tuple[EngineResult, float]:
     return result, time.process_time() - cpu
 
 
-def _measure(engine, runs: list[tuple[EngineResult, float]]) -> EngineMeasure:
+def _measure(engine, runs: list[tuple[EngineResult, float]],
+             recursion_share: float | None) -> EngineMeasure:
+    """Medians of ``runs``; ``recursion_share``: the share of the recursion block in the bytes a vanilla
+    sequence holds (vanilla layers all cache the same tokens), None for MoR (measured)."""
     stats = [r.stats for r, _ in runs]
     result = runs[-1][0]
     fed = [d for c in result.completions for d in c.token_depths[len(c.prompt):]]
+    requests = len(result.completions)
+    kv_request = sum(c.kv_bytes for c in result.completions) / requests
+    kv_recursion = (sum(c.kv_recursion_bytes for c in result.completions) / requests
+                    if recursion_share is None else kv_request * recursion_share)
     return EngineMeasure(
         tokens_per_s=statistics.median(s.tokens_per_s for s in stats),
         decode_tokens_per_s=statistics.median(s.decode_tokens_per_s for s in stats),
         cpu_tokens_per_s=statistics.median(s.generated_tokens / cpu for s, (_, cpu) in zip(stats, runs)),
-        kv_buffer_mib=engine.buffers.nbytes() / 2**20,
+        kv_request_kib=kv_request / 2**10, kv_recursion_kib=kv_recursion / 2**10,
+        kv_peak_mib=stats[-1].kv_peak_bytes / 2**20, kv_reserved_mib=stats[-1].kv_reserved_bytes / 2**20,
         mean_recursions=sum(fed) / max(1, len(fed)),
         mixed_depth_fraction=stats[-1].mixed_depth_steps / max(1, stats[-1].decode_steps),
         mean_pass_tokens=stats[-1].decode_step_tokens / max(1, stats[-1].decode_steps))
 
 
 def compare_inference(mor_model, vanilla_model, requests: list[Request], *, batch_size: int, mor_slots: int,
-                      repeats: int, warmup_requests: int = 4) -> tuple[EngineMeasure, EngineMeasure]:
+                      repeats: int, block_size: int = 16,
+                      warmup_requests: int = 4) -> tuple[EngineMeasure, EngineMeasure]:
     """Run both engines on ``requests`` (module docstring); returns ``(mor, vanilla)`` measures."""
     max_len = max(len(r.prompt) + r.max_new_tokens for r in requests)
     engines = {"mor": DepthWiseEngine(mor_model, num_slots=mor_slots, max_batch=batch_size, max_len=max_len,
-                                      eos_token_id=None),
+                                      eos_token_id=None, block_size=block_size),
                "vanilla": SequenceWiseEngine(vanilla_model, num_slots=batch_size, max_len=max_len,
-                                             eos_token_id=None)}
+                                             eos_token_id=None, block_size=block_size)}
+    mor_stack, vanilla_stack = engines["mor"].stack, engines["vanilla"].stack
+    recursion_layers = mor_stack.num_shared * mor_stack.num_recursions
+    if vanilla_stack.num_shared != mor_stack.num_prefix + recursion_layers + mor_stack.num_suffix:
+        raise ValueError(f"the vanilla model has {vanilla_stack.num_shared} layers, the MoR model "
+                         f"{mor_stack.num_prefix + recursion_layers + mor_stack.num_suffix} unrolled ones; "
+                         "compare models of the same unrolled depth")
     for engine in engines.values():
         engine.run(requests[:warmup_requests])
     runs: dict[str, list] = {"mor": [], "vanilla": []}
@@ -167,7 +260,8 @@ def compare_inference(mor_model, vanilla_model, requests: list[Request], *, batc
         order = ("mor", "vanilla") if repeat % 2 == 0 else ("vanilla", "mor")
         for name in order:
             runs[name].append(_timed(engines[name], requests))
-    return _measure(engines["mor"], runs["mor"]), _measure(engines["vanilla"], runs["vanilla"])
+    return (_measure(engines["mor"], runs["mor"], None),
+            _measure(engines["vanilla"], runs["vanilla"], recursion_layers / vanilla_stack.num_shared))
 
 
 def report(comparison: InferComparison, *, as_json: bool) -> str:
@@ -181,21 +275,25 @@ def report(comparison: InferComparison, *, as_json: bool) -> str:
         return json.dumps(values)
     s = c.setup
     rows = [f"{'engine':<34}{'tokens/s':>10}{'decode/s':>10}{'tok/CPU-s':>11}{'recursions':>11}{'pass':>7}"
-            f"{'KV MiB':>9}"]
+            f"{'KV KiB/req':>11}{'rec. block':>11}{'peak MiB':>9}{'pool MiB':>9}"]
     for label, m in ((f"MoR {s['model']} depth-wise", c.mor), ("vanilla sequence-wise", c.vanilla)):
         rows.append(f"{label:<34}{m.tokens_per_s:>10.1f}{m.decode_tokens_per_s:>10.1f}"
                     f"{m.cpu_tokens_per_s:>11.1f}{m.mean_recursions:>11.2f}{m.mean_pass_tokens:>7.1f}"
-                    f"{m.kv_buffer_mib:>9.2f}")
+                    f"{m.kv_request_kib:>11.1f}{m.kv_recursion_kib:>11.1f}{m.kv_peak_mib:>9.2f}"
+                    f"{m.kv_reserved_mib:>9.2f}")
     return "\n".join([
         f"greedy generation on {s['device']}: {s['num_requests']} requests, {s['generated_tokens']} tokens "
         f"(prompt {s['mean_prompt_len']:.1f}, generation {s['mean_gen_len']:.1f} tokens on average), "
         f"{s['num_layers']} unrolled layers, hidden {s['hidden_size']}; batch {s['batch_size']}, MoR slots "
-        f"{s['mor_slots']}; medians of {s['repeats']} runs",
+        f"{s['mor_slots']}; KV blocks of {s['block_size']} tokens; medians of {s['repeats']} runs",
         *rows,
         f"MoR mixed-depth passes {c.mor.mixed_depth_fraction:.0%}; recursions per token under the training "
         f"capacities: {s['capacity_recursions']}",
         f"ratio MoR/vanilla: tokens/s {ratios['tokens_per_s']:.3f}   decode tokens/s "
-        f"{ratios['decode_tokens_per_s']:.3f}   tokens per CPU second {ratios['cpu_tokens_per_s']:.3f}"])
+        f"{ratios['decode_tokens_per_s']:.3f}   tokens per CPU second {ratios['cpu_tokens_per_s']:.3f}",
+        f"KV bytes in use MoR/vanilla: per request {ratios['kv_request_kib']:.3f}   recursion block "
+        f"{ratios['kv_recursion_kib']:.3f} (paper (R+1)/(2R) = {s['paper_kv_ratio']})   peak "
+        f"{ratios['kv_peak_mib']:.3f} ({s['mor_slots']} vs {s['batch_size']} resident sequences)"])
 
 
 def _positive_int(text: str) -> int:
@@ -221,6 +319,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=_positive_int, default=8,
                         help="vanilla: sequences per step; MoR: tokens per shared-block pass")
     parser.add_argument("--mor-slots", type=_positive_int, help="MoR resident sequences (default 2 x batch)")
+    parser.add_argument("--block-size", type=_positive_int, default=16, help="tokens per KV block")
     parser.add_argument("--repeats", type=_positive_int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -248,9 +347,17 @@ def _run(args: argparse.Namespace) -> str:
     requests = make_requests(args.num_requests, vocab_size=mor.config.vocab_size, prompt_min=args.prompt_min,
                              prompt_max=args.prompt_max, gen_mean=args.gen_mean, gen_std=args.gen_std,
                              seed=args.seed)
+    if args.mor_dir is None and mor.config.routing == "expert_choice":
+        # Generated tokens' hidden states differ from random prompts': calibrate on the prompts, then again on
+        # the sequences the calibrated model generates (prompt + continuation).
+        calibrate_router(mor, [list(r.prompt) for r in requests])
+        probe = DepthWiseEngine(mor, num_slots=args.batch_size, max_batch=args.batch_size, max_len=max_len,
+                                eos_token_id=None).run(requests[:args.batch_size])
+        calibrate_router(mor, [c.prompt + c.tokens for c in probe.completions])
     mor_slots = args.mor_slots or 2 * args.batch_size
     mor_measure, vanilla_measure = compare_inference(mor, vanilla, requests, batch_size=args.batch_size,
-                                                     mor_slots=mor_slots, repeats=args.repeats)
+                                                     mor_slots=mor_slots, repeats=args.repeats,
+                                                     block_size=args.block_size)
     config = mor.config
     caps = config.capacities if config.routing == "expert_choice" else None
     setup = {"model": model_name, "device": str(device), "dtype": args.dtype,
@@ -261,6 +368,8 @@ def _run(args: argparse.Namespace) -> str:
              "mean_prompt_len": statistics.mean(len(r.prompt) for r in requests),
              "mean_gen_len": statistics.mean(r.max_new_tokens for r in requests),
              "batch_size": args.batch_size, "mor_slots": mor_slots, "repeats": args.repeats,
+             "block_size": args.block_size,
+             "paper_kv_ratio": round((config.num_recursions + 1) / (2 * config.num_recursions), 3),
              "capacity_recursions": round(sum(caps), 3) if caps else None}
     return report(InferComparison(setup=setup, mor=mor_measure, vanilla=vanilla_measure), as_json=args.json)
 

@@ -1,10 +1,12 @@
-"""Serving engines with static KV buffers: continuous depth-wise batching (MoR) and sequence-wise (vanilla).
+"""Serving engines with a paged KV cache: continuous depth-wise batching (MoR) and sequence-wise (vanilla).
 
 Both engines serve a list of :class:`Request` (prompt token ids, ``max_new_tokens``) with ``num_slots``
 sequences resident at once. A free slot is refilled from the request queue as soon as its sequence finishes
 (EOS or length): the new prompt is prefilled by the model's own full-sequence forward (``MoRForCausalLM``
-with its ``MoRCache``, or ``LlamaForCausalLM`` with a ``DynamicCache``), whose K/V are copied into the slot's
-static buffers (:mod:`mor_megatron.inference.kv_buffers`) and whose last logits give the first new token.
+with its ``MoRCache``, or ``LlamaForCausalLM`` with a ``DynamicCache``), whose K/V are copied into blocks of
+the paged cache (:mod:`mor_megatron.inference.kv_buffers`) and whose last logits give the first new token.
+A sequence's blocks go back to the pool when it finishes; a pool too small for the sequences resident at once
+raises :class:`~mor_megatron.inference.kv_buffers.KVPoolExhausted` (raise ``kv_blocks``).
 Each request picks its tokens by its own :class:`~mor_megatron.inference.sampling.SamplingParams` (greedy by
 default; temperature, top-k, top-p with a per-request seed; stop sequences). Greedy decoding is the argmax, so
 an engine's output for a prompt equals ``model.generate(prompt, do_sample=False, max_new_tokens=...,
@@ -40,7 +42,8 @@ The routing is ``MoRForCausalLM``'s causal routing, token by token:
 KV caching per the model's ``kv_mode``: `recursion_wise` writes a token's K/V only at the depths it runs
 and attends at depth ``r`` over its sequence's depth-``r`` entries; `shared` writes at the first recursion
 only (every token runs it) and later recursions read those entries, causally (the sequence has no later
-token yet).
+token yet). Either way a stream's blocks follow its tokens, so the KV bytes in use are those of the tokens
+cached at each depth (``EngineStats.kv_peak_bytes``, ``Completion.kv_bytes``).
 """
 
 from __future__ import annotations
@@ -89,6 +92,9 @@ class Completion:
         token_depths: recursions run by each token whose K/V were cached: the prompt, then ``tokens[:-1]``.
         kv_lengths: the slot's shared-block KV entries per stored depth when the sequence finished (one
             value under KV sharing, where only depth 0 is stored).
+        kv_bytes: bytes of the KV blocks the sequence held when it finished (its largest footprint: a
+            sequence's cache only grows), all layer sites.
+        kv_recursion_bytes: the part of ``kv_bytes`` in the shared block's sites.
     """
 
     request_index: int
@@ -97,6 +103,8 @@ class Completion:
     finish_reason: Literal["eos", "stop", "length"]
     token_depths: list[int]
     kv_lengths: tuple[int, ...]
+    kv_bytes: int
+    kv_recursion_bytes: int
 
 
 @dataclass
@@ -106,7 +114,7 @@ class EngineStats:
     generated_tokens: int = 0
     wall_s: float = 0.0
     prefill_s: float = 0.0
-    """Time spent in prompt prefills (the model's forward plus the copy into the buffers)."""
+    """Time spent in prompt prefills (the model's forward plus the copy into the KV blocks)."""
     prefills: int = 0
     refills: int = 0
     """Prefills into a slot that an earlier sequence of the same run had used."""
@@ -118,6 +126,10 @@ class EngineStats:
     exit_steps: int = 0
     """Depth-wise: passes of exited tokens through suffix, norm and LM head."""
     exit_step_tokens: int = 0
+    kv_reserved_bytes: int = 0
+    """Bytes of the KV block pool (every block, used or not)."""
+    kv_peak_bytes: int = 0
+    """Most bytes of KV blocks in use at once during the run."""
 
     @property
     def tokens_per_s(self) -> float:
@@ -157,14 +169,17 @@ class _Sequence:
 class _Engine(abc.ABC):
     """Slots, request queue, prefill and completion bookkeeping shared by both engines."""
 
-    def __init__(self, model: nn.Module, *, num_slots: int, max_len: int, eos_token_id: int | None):
-        for name, value in (("num_slots", num_slots), ("max_len", max_len)):
+    def __init__(self, model: nn.Module, *, num_slots: int, max_len: int, eos_token_id: int | None,
+                 block_size: int, kv_blocks: int | None):
+        for name, value in (("num_slots", num_slots), ("max_len", max_len), ("block_size", block_size),
+                            ("kv_blocks", 1 if kv_blocks is None else kv_blocks)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{type(self).__name__}: {name} must be an integer >= 1, got {value!r}")
         self.model = model
         self.stack = ModelStack.from_model(model)
         self.num_slots, self.max_len, self.eos_token_id = num_slots, max_len, eos_token_id
-        self.buffers = KVBuffers(self.stack, num_slots=num_slots, max_len=max_len)
+        self.buffers = KVBuffers(self.stack, num_slots=num_slots, max_len=max_len, block_size=block_size,
+                                 num_blocks=kv_blocks)
         # Position of each slot's newest token, the one to feed next.
         self.position = torch.zeros(num_slots, dtype=torch.long, device=self.stack.device)
         self._reset([])
@@ -177,6 +192,7 @@ class _Engine(abc.ABC):
         with torch.inference_mode():
             self._serve()
         self.stats.wall_s = time.perf_counter() - start
+        self.stats.kv_peak_bytes = self.buffers.pool.peak_blocks * self.buffers.pool.block_bytes
         done = sorted(self._done, key=lambda c: c.request_index)
         return EngineResult(completions=done, stats=self.stats)
 
@@ -201,9 +217,10 @@ class _Engine(abc.ABC):
         self.slots: list[_Sequence | None] = [None] * self.num_slots
         self._used = [False] * self.num_slots
         self._done: list[Completion] = []
-        self.stats = EngineStats()
-        for slot in range(self.num_slots):
+        self.stats = EngineStats(kv_reserved_bytes=self.buffers.pool.nbytes())
+        for slot in range(self.num_slots):  # a run that raised may have left sequences behind
             self.buffers.clear(slot)
+        self.buffers.pool.reset_peak()
 
     def _admit(self) -> list[int]:
         """Prefill queued requests into free slots; returns the slots whose first token must be fed."""
@@ -221,7 +238,7 @@ class _Engine(abc.ABC):
         return ready
 
     def _prefill(self, slot: int, sequence: _Sequence) -> int:
-        """Run the prompt through the model's forward into ``slot``'s buffers; returns the first token."""
+        """Run the prompt through the model's forward into ``slot``'s KV blocks; returns the first token."""
         start = time.perf_counter()
         prompt = list(sequence.request.prompt)
         ids = torch.tensor([prompt], dtype=torch.long, device=self.stack.device)
@@ -253,11 +270,13 @@ class _Engine(abc.ABC):
         if reason is None:
             return True
         tokens = sequence.tokens[:len(sequence.tokens) - len(stop)] if stop is not None else sequence.tokens
+        kv_bytes, kv_recursion_bytes = self.buffers.slot_bytes(slot)
         self._done.append(Completion(request_index=sequence.request_index,
                                      prompt=list(sequence.request.prompt), tokens=tokens,
                                      finish_reason=reason,
                                      token_depths=sequence.token_depths,
-                                     kv_lengths=self.buffers.depth_lengths(slot)))
+                                     kv_lengths=self.buffers.depth_lengths(slot), kv_bytes=kv_bytes,
+                                     kv_recursion_bytes=kv_recursion_bytes))
         self.slots[slot] = None
         self.buffers.clear(slot)
         return False
@@ -300,12 +319,16 @@ class SequenceWiseEngine(_Engine):
     Args:
         model: a ``LlamaForCausalLM`` or a ``MoRForCausalLM`` with routing `none` (in eval mode).
         num_slots: sequences decoded together (the batch of every step).
-        max_len: cached tokens per sequence the static buffers hold (prompt + max_new_tokens - 1 at most).
+        max_len: cached tokens per sequence (prompt + max_new_tokens - 1 at most).
         eos_token_id: a sequence ends after generating it; None: only ``max_new_tokens`` ends sequences.
+        block_size: tokens per KV block.
+        kv_blocks: blocks in the KV pool, shared by all layers; None: enough for every slot at ``max_len``.
     """
 
-    def __init__(self, model: nn.Module, *, num_slots: int, max_len: int, eos_token_id: int | None):
-        super().__init__(model, num_slots=num_slots, max_len=max_len, eos_token_id=eos_token_id)
+    def __init__(self, model: nn.Module, *, num_slots: int, max_len: int, eos_token_id: int | None,
+                 block_size: int = 16, kv_blocks: int | None = None):
+        super().__init__(model, num_slots=num_slots, max_len=max_len, eos_token_id=eos_token_id,
+                         block_size=block_size, kv_blocks=kv_blocks)
         if self.stack.routing != "none":
             raise ValueError("SequenceWiseEngine runs every token through every layer, but the model has "
                              f"routing={self.stack.routing!r}; serve it with DepthWiseEngine")
@@ -344,13 +367,18 @@ class DepthWiseEngine(_Engine):
             exit.
         max_batch: most tokens per pass through the shared block, and per pass of exited tokens through the
             suffix and LM head.
-        max_len: cached tokens per sequence and depth the static buffers hold.
+        max_len: cached tokens per sequence and depth (prompt + max_new_tokens - 1 at most).
         eos_token_id: a sequence ends after generating it; None: only ``max_new_tokens`` ends sequences.
+        block_size: tokens per KV block.
+        kv_blocks: blocks in the KV pool, shared by all layers and depths; None: enough for every slot at
+            ``max_len`` at every depth (never runs out). Smaller pools hold what routing really caches; one
+            that runs out raises ``KVPoolExhausted``.
     """
 
     def __init__(self, model: nn.Module, *, num_slots: int, max_batch: int, max_len: int,
-                 eos_token_id: int | None):
-        super().__init__(model, num_slots=num_slots, max_len=max_len, eos_token_id=eos_token_id)
+                 eos_token_id: int | None, block_size: int = 16, kv_blocks: int | None = None):
+        super().__init__(model, num_slots=num_slots, max_len=max_len, eos_token_id=eos_token_id,
+                         block_size=block_size, kv_blocks=kv_blocks)
         if not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"DepthWiseEngine: max_batch must be an integer >= 1, got {max_batch!r}")
         if not self.stack.is_cycled:

@@ -8,8 +8,8 @@ both go through the same layer code. Models are recognised by ``config.model_typ
 folder loaded with ``trust_remote_code=True`` carries its own copy of the MoR classes.
 
 :func:`apply_layer` runs a Llama decoder layer (pre-norm attention + SwiGLU, both residuals) on ``n`` tokens
-that each belong to a different slot, reading and writing their K/V in static buffers
-(:class:`mor_megatron.inference.kv_buffers.StaticKV`). The arithmetic is that of ``MoRAttention`` /
+that each belong to a different slot, reading and writing their K/V in the paged cache
+(:class:`mor_megatron.inference.kv_buffers.PagedKV`). The arithmetic is that of ``MoRAttention`` /
 ``MoRDecoderLayer`` (and of transformers' Llama layer): RoPE in the halves layout, grouped-query heads
 repeated, softmax attention scaled by ``head_dim ** -0.5``; the layer's own submodules (norms, projections,
 MLP) do the rest, so no weight is copied.
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mor_megatron.inference.kv_buffers import StaticKV
+from mor_megatron.inference.kv_buffers import PagedKV
 from mor_megatron.model.recursion import apply_rotary, rotary_cos_sin
 
 
@@ -133,13 +133,14 @@ class ModelStack:
         return rotary_cos_sin(positions[:, None], self.head_dim, self.rope_theta, self.dtype)
 
 
-def apply_layer(stack: ModelStack, layer: nn.Module, x: Tensor, cos: Tensor, sin: Tensor, kv: StaticKV,
+def apply_layer(stack: ModelStack, layer: nn.Module, x: Tensor, cos: Tensor, sin: Tensor, kv: PagedKV,
                 slots: Tensor, depths: Tensor, write_rows: Tensor | None) -> Tensor:
     """One decoder layer on ``n`` tokens of ``n`` distinct slots; ``x`` ``[n, h]`` -> ``[n, h]``.
 
     Args:
         cos, sin: ``[n, 1, head_dim]`` RoPE tables at the tokens' positions (:meth:`ModelStack.rope`).
-        kv: the layer site's buffers; token ``i`` attends to ``kv``'s entries of ``(slots[i], depths[i])``.
+        kv: the layer site's paged cache; token ``i`` attends to ``kv``'s entries of ``(slots[i], depths[i])``
+            (gathered out of the block pool; a paged-attention kernel would read them in place on a GPU).
         slots, depths: ``[n]`` int64.
         write_rows: which tokens first append their own K/V at ``(slot, depth)``: None for all of them,
             else an int64 index ``[m]`` into the batch (KV sharing: only depth-0 tokens write; deeper ones
