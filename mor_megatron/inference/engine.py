@@ -5,8 +5,15 @@ sequences resident at once. A free slot is refilled from the request queue as so
 (EOS or length): the new prompt is prefilled by the model's own full-sequence forward (``MoRForCausalLM``
 with its ``MoRCache``, or ``LlamaForCausalLM`` with a ``DynamicCache``), whose K/V are copied into blocks of
 the paged cache (:mod:`mor_megatron.inference.kv_buffers`) and whose last logits give the first new token.
-A sequence's blocks go back to the pool when it finishes; a pool too small for the sequences resident at once
-raises :class:`~mor_megatron.inference.kv_buffers.KVPoolExhausted` (raise ``kv_blocks``).
+A sequence's blocks go back to the pool when it finishes. When the pool runs out, the sequences of the prefill
+or step that needed the blocks end with :class:`~mor_megatron.inference.kv_buffers.KVPoolExhausted` (raise
+``kv_blocks``) and give their blocks back; the other sequences go on.
+
+Two ways in: :meth:`_Engine.run` serves a fixed list and returns the completions (it raises the first
+``KVPoolExhausted`` once the rest is served); :meth:`_Engine.serve` runs the same step loop on one thread
+until told to stop, while other threads queue a :class:`Ticket` with :meth:`_Engine.submit`; its callbacks
+receive each new token and the completion (``mor-serve``'s HTTP server works this way). Queued requests take
+free slots between steps.
 Each request picks its tokens by its own :class:`~mor_megatron.inference.sampling.SamplingParams` (greedy by
 default; temperature, top-k, top-p with a per-request seed; stop sequences). Greedy decoding is the argmax, so
 an engine's output for a prompt equals ``model.generate(prompt, do_sample=False, max_new_tokens=...,
@@ -49,9 +56,11 @@ cached at each depth (``EngineStats.kv_peak_bytes``, ``Completion.kv_bytes``).
 from __future__ import annotations
 
 import abc
+import itertools
+import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -59,7 +68,7 @@ import torch
 from torch import Tensor, nn
 
 from mor_megatron.inference.hf.modeling_mor import output_cache
-from mor_megatron.inference.kv_buffers import KVBuffers
+from mor_megatron.inference.kv_buffers import KVBuffers, KVPoolExhausted
 from mor_megatron.inference.sampling import GREEDY, SamplingParams, matched_stop, next_token
 from mor_megatron.inference.stack import ModelStack, apply_layer
 from mor_megatron.model.recursion import (
@@ -86,7 +95,8 @@ class Completion:
     """What an engine produced for one request.
 
     Attributes:
-        request_index: position of the request in the list given to :meth:`run`.
+        request_index: position of the request in the list given to :meth:`run`, or the submission number
+            (from 0, per engine) of a request given to :meth:`submit`.
         tokens: generated ids, the EOS included when it ended the sequence, a matched stop sequence not.
         finish_reason: `eos`, `stop` (a stop sequence of the request's sampling parameters) or `length`.
         token_depths: recursions run by each token whose K/V were cached: the prompt, then ``tokens[:-1]``.
@@ -151,15 +161,41 @@ class EngineResult:
     stats: EngineStats
 
 
+@dataclass(eq=False)
+class Ticket:
+    """A request and where its results go. The callbacks run on the engine's thread, so they must be quick
+    and must not raise.
+
+    Attributes:
+        on_token: every new token as it is chosen, the tokens of a stop sequence included (a stop sequence is
+            only known to match once its last token is chosen; :class:`Completion` leaves it out).
+        on_finish: the request's :class:`Completion`, or the exception that ended it (``KVPoolExhausted``).
+    """
+
+    request: Request
+    on_token: Callable[[int], None] | None = None
+    on_finish: Callable[[Completion | Exception], None] | None = None
+    cancelled: bool = False
+
+    def cancel(self) -> None:
+        """End the request at its next token with finish reason `stop` (e.g. a stop string matched in the
+        decoded text, or the client left). Thread-safe: the engine only reads the flag."""
+        self.cancelled = True
+
+
 @dataclass
 class _Sequence:
     """A request being served in a slot."""
 
     request_index: int
-    request: Request
+    ticket: Ticket
     generator: torch.Generator | None
     tokens: list[int] = field(default_factory=list)
     token_depths: list[int] = field(default_factory=list)
+
+    @property
+    def request(self) -> Request:
+        return self.ticket.request
 
     def next_token(self, logits: Tensor) -> int:
         """This sequence's choice from one position's logits ``[V]``."""
@@ -182,23 +218,67 @@ class _Engine(abc.ABC):
                                  num_blocks=kv_blocks)
         # Position of each slot's newest token, the one to feed next.
         self.position = torch.zeros(num_slots, dtype=torch.long, device=self.stack.device)
-        self._reset([])
+        # Requests waiting for a slot. Submitting threads append, the engine's thread alone pops: deque's
+        # append and popleft are atomic, and the condition only wakes an idle engine.
+        self.queue: deque[tuple[int, Ticket]] = deque()
+        self._arrived = threading.Condition()
+        self._submissions = itertools.count()
+        self._reset()
 
     def run(self, requests: Sequence[Request]) -> EngineResult:
-        """Serve ``requests`` to completion; completions come back in request order."""
+        """Serve ``requests`` to completion; completions come back in request order. Raises the first
+        ``KVPoolExhausted`` (after serving the other requests) if the pool ran out. Not while :meth:`serve`
+        runs."""
         self._check(requests)
-        self._reset(requests)
+        self._reset()
+        self.queue.clear()
+        done: list[Completion] = []
+        failures: list[Exception] = []
+
+        def finish(outcome: Completion | Exception) -> None:
+            (failures if isinstance(outcome, Exception) else done).append(outcome)
+
+        self.queue.extend((i, Ticket(request, on_finish=finish)) for i, request in enumerate(requests))
         start = time.perf_counter()
         with torch.inference_mode():
             self._serve()
         self.stats.wall_s = time.perf_counter() - start
         self.stats.kv_peak_bytes = self.buffers.pool.peak_blocks * self.buffers.pool.block_bytes
-        done = sorted(self._done, key=lambda c: c.request_index)
-        return EngineResult(completions=done, stats=self.stats)
+        if failures:
+            raise failures[0]
+        return EngineResult(completions=sorted(done, key=lambda c: c.request_index), stats=self.stats)
+
+    def submit(self, ticket: Ticket) -> None:
+        """Queue ``ticket`` for :meth:`serve` (any thread); ValueError if the request can never be served."""
+        self._check([ticket.request])
+        with self._arrived:
+            self.queue.append((next(self._submissions), ticket))
+            self._arrived.notify()
+
+    def serve(self, stop: threading.Event) -> None:
+        """Serve submitted tickets until ``stop`` is set; run it on one thread. ``stats`` count from the
+        start (``wall_s`` and ``kv_peak_bytes`` stay unset). An unexpected error ends every resident and
+        queued request with it (so no caller waits forever), then propagates."""
+        self._reset()
+        try:
+            with torch.inference_mode():
+                while not stop.is_set():
+                    with self._arrived:
+                        # The timeout bounds how long a set ``stop`` goes unnoticed by an idle engine.
+                        if not self._arrived.wait_for(lambda: self.queue, timeout=0.1):
+                            continue
+                    self._serve()
+        except Exception as err:
+            self._fail([slot for slot, sequence in enumerate(self.slots) if sequence is not None], err)
+            while self.queue:
+                _, ticket = self.queue.popleft()
+                if ticket.on_finish is not None:
+                    ticket.on_finish(err)
+            raise
 
     @abc.abstractmethod
     def _serve(self) -> None:
-        """Serve the queue until every request is complete."""
+        """Serve the queue until it is empty and every admitted request is complete."""
 
     def _check(self, requests: Sequence[Request]) -> None:
         for index, request in enumerate(requests):
@@ -212,11 +292,9 @@ class _Engine(abc.ABC):
                                  f"{request.max_new_tokens} - 1 = {cached} cached tokens exceed the engine's "
                                  f"max_len={self.max_len}; build the engine with max_len >= {cached}")
 
-    def _reset(self, requests: Sequence[Request]) -> None:
-        self.queue = deque(enumerate(requests))
+    def _reset(self) -> None:
         self.slots: list[_Sequence | None] = [None] * self.num_slots
         self._used = [False] * self.num_slots
-        self._done: list[Completion] = []
         self.stats = EngineStats(kv_reserved_bytes=self.buffers.pool.nbytes())
         for slot in range(self.num_slots):  # a run that raised may have left sequences behind
             self.buffers.clear(slot)
@@ -227,15 +305,38 @@ class _Engine(abc.ABC):
         ready = []
         for slot in range(self.num_slots):
             while self.slots[slot] is None and self.queue:
-                index, request = self.queue.popleft()
+                index, ticket = self.queue.popleft()
                 self.stats.refills += self._used[slot]
                 self._used[slot] = True
-                sequence = _Sequence(request_index=index, request=request,
-                                     generator=request.sampling.generator(self.stack.device))
+                sequence = _Sequence(request_index=index, ticket=ticket,
+                                     generator=ticket.request.sampling.generator(self.stack.device))
                 self.slots[slot] = sequence
-                if self._accept(slot, self._prefill(slot, sequence)):
+                try:
+                    token = self._prefill(slot, sequence)
+                except KVPoolExhausted as err:
+                    self._fail([slot], err)
+                    continue
+                if self._accept(slot, token):
                     ready.append(slot)
         return ready
+
+    def _guarded(self, slots: list[int], step: Callable[[list[int]], list[int] | None]) -> list[int]:
+        """``step(slots)``'s slots going on (none if it returns None); if the KV pool runs out during it, the
+        sequences of ``slots`` fail instead. A step writes K/V layer by layer, so it cannot be undone for
+        some of its slots only: all of them end, the other resident sequences go on."""
+        try:
+            return step(slots) or []
+        except KVPoolExhausted as err:
+            self._fail(slots, err)
+            return []
+
+    def _fail(self, slots: list[int], error: Exception) -> None:
+        """End the sequences of ``slots`` with ``error``; their blocks go back to the pool."""
+        for slot in slots:
+            sequence, self.slots[slot] = self.slots[slot], None
+            self.buffers.clear(slot)
+            if sequence.ticket.on_finish is not None:
+                sequence.ticket.on_finish(error)
 
     def _prefill(self, slot: int, sequence: _Sequence) -> int:
         """Run the prompt through the model's forward into ``slot``'s KV blocks; returns the first token."""
@@ -264,21 +365,24 @@ class _Engine(abc.ABC):
         sequence = self.slots[slot]
         sequence.tokens.append(token)
         self.stats.generated_tokens += 1
+        if sequence.ticket.on_token is not None:
+            sequence.ticket.on_token(token)
         stop = matched_stop(sequence.tokens, sequence.request.sampling)
-        reason = ("eos" if token == self.eos_token_id else "stop" if stop is not None
+        stopped = stop is not None or sequence.ticket.cancelled
+        reason = ("eos" if token == self.eos_token_id else "stop" if stopped
                   else "length" if len(sequence.tokens) >= sequence.request.max_new_tokens else None)
         if reason is None:
             return True
         tokens = sequence.tokens[:len(sequence.tokens) - len(stop)] if stop is not None else sequence.tokens
         kv_bytes, kv_recursion_bytes = self.buffers.slot_bytes(slot)
-        self._done.append(Completion(request_index=sequence.request_index,
-                                     prompt=list(sequence.request.prompt), tokens=tokens,
-                                     finish_reason=reason,
-                                     token_depths=sequence.token_depths,
-                                     kv_lengths=self.buffers.depth_lengths(slot), kv_bytes=kv_bytes,
-                                     kv_recursion_bytes=kv_recursion_bytes))
+        completion = Completion(request_index=sequence.request_index, prompt=list(sequence.request.prompt),
+                                tokens=tokens, finish_reason=reason, token_depths=sequence.token_depths,
+                                kv_lengths=self.buffers.depth_lengths(slot), kv_bytes=kv_bytes,
+                                kv_recursion_bytes=kv_recursion_bytes)
         self.slots[slot] = None
         self.buffers.clear(slot)
+        if sequence.ticket.on_finish is not None:
+            sequence.ticket.on_finish(completion)
         return False
 
     def _finish_tokens(self, slots: list[int], hidden: Tensor) -> list[int]:
@@ -338,7 +442,7 @@ class SequenceWiseEngine(_Engine):
         while active:
             self.stats.decode_steps += 1
             self.stats.decode_step_tokens += len(active)
-            active = self._step(active) + self._admit()
+            active = self._guarded(active, self._step) + self._admit()
 
     def _step(self, slots: list[int]) -> list[int]:
         """One token for every slot in ``slots`` through all unrolled layers; returns the slots going on."""
@@ -406,13 +510,14 @@ class DepthWiseEngine(_Engine):
         entering = self._admit()
         while entering or self.pool or self.exits:
             if entering:
-                self._enter(entering)
+                self._guarded(entering, self._enter)
             entering = []
             if self.pool:
-                self._block_step()
+                self._guarded([self.pool.popleft() for _ in range(min(self.max_batch, len(self.pool)))],
+                              self._block_step)
             if self.exits and (len(self.exits) >= self.max_batch or not self.pool):
                 batch, self.exits = self.exits[:self.max_batch], self.exits[self.max_batch:]
-                entering = self._exit_step(batch) + self._admit()
+                entering = self._guarded(batch, self._exit_step) + self._admit()
 
     def _enter(self, slots: list[int]) -> None:
         """Embedding + prefix layers, then the decision on recursion 0."""
@@ -442,11 +547,10 @@ class DepthWiseEngine(_Engine):
         for slot, run in zip(slots, runs):
             (self.pool.append if run else self.exits.append)(slot)
 
-    def _block_step(self) -> None:
-        """One pass of up to ``max_batch`` pooled tokens, each at its own depth, through the shared
+    def _block_step(self, slots: list[int]) -> None:
+        """One pass of pooled tokens (up to ``max_batch``), each at its own depth, through the shared
         block."""
         stack = self.stack
-        slots = [self.pool.popleft() for _ in range(min(self.max_batch, len(self.pool)))]
         index = torch.tensor(slots, dtype=torch.long, device=stack.device)
         depth = self.depth[index]
         hidden = self.hidden[index]
