@@ -27,6 +27,13 @@ LRSchedule = Literal["cosine", "wsd", "constant"]
 Precision = Literal["auto", "fp32", "bf16"]
 
 DEFAULT_OUTPUT_DIR = "runs/default"
+DEFAULT_DEPTH_MAP_TEXT = (
+    "The committee met on 14 March 2024 and approved a budget of $3.2 million, up 12% from last year. "
+    "Its chair said: \"We expect the new library to open in 2026.\" Residents asked why the old one, built "
+    "in 1911, could not simply be repaired.\n\n"
+    "def mean(values):\n    return sum(values) / len(values)\n")
+"""Default text of the depth maps logged at evaluation: prose with numbers, punctuation, a quote and a little
+code, so that every token class of the table (words, digits, spaces and punctuation) is represented."""
 
 
 class ConfigError(ValueError):
@@ -184,6 +191,11 @@ class DataConfig:
 
     blend: tuple[str, ...] = ()
     """Dataset prefixes, optionally weighted: ["0.7", "path/a", "0.3", "path/b"] or ["path/a", "path/b"]."""
+    valid_blend: tuple[str, ...] = ()
+    """Validation data of its own (Megatron-LM's --valid-data-path). With it or ``test_blend`` set, ``blend`` is
+    all training data and ``split`` is not used."""
+    test_blend: tuple[str, ...] = ()
+    """Test data of its own (--test-data-path), evaluated once at the end of training."""
     split: str = "969,30,1"
     tokenizer: str | None = None
     """A SentencePiece model (file or folder) or a Hugging Face tokenizer folder (data/tokenizer.py)."""
@@ -198,8 +210,9 @@ class DataConfig:
     """No loss on predicting the token after an end-of-document token (the next document's first token)."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.blend, list):
-            self.blend = tuple(str(b) for b in self.blend)
+        for name in ("blend", "valid_blend", "test_blend"):
+            if isinstance(getattr(self, name), list):
+                setattr(self, name, tuple(str(b) for b in getattr(self, name)))
         _require(len(self.split.split(",")) == 3 and all(p.strip().replace(".", "", 1).isdigit()
                                                           for p in self.split.split(",")),
                  f"data.split must be three comma-separated weights like '969,30,1', got {self.split!r}")
@@ -310,6 +323,17 @@ class TrackingConfig:
     close_timeout_s: float = 30.0
     peak_tflops: float | None = None
     """Device peak TFLOP/s for MFU when the device is not in the built-in table."""
+    depth_maps: bool = True
+    """At each evaluation, log a depth map of ``depth_map_text`` (artifacts ``depth/step_XXXXXX.*``) and the
+    mean recursion depth per token class (``depth/*`` metrics). Skipped with pipeline parallelism."""
+    depth_map_text: str = DEFAULT_DEPTH_MAP_TEXT
+    """The fixed text of those depth maps: the same at every evaluation and in every run, so maps compare."""
+    depth_map_tokens: int = 256
+    """At most this many tokens of ``depth_map_text`` (and at most the sequence length): one short forward."""
+
+    def __post_init__(self) -> None:
+        _require(self.depth_map_tokens >= 1,
+                 f"tracking.depth_map_tokens must be >= 1, got {self.depth_map_tokens}")
 
 
 @dataclass(kw_only=True)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -40,6 +40,12 @@ class ExportSummary:
     num_parameters: int
     safetensors_files: list[str]
     tokenizer_vocab_size: int | None
+    mlflow_run_id: str | None = None
+    """The MLflow run that trained the checkpoint (from its loop state), None when it was not tracked."""
+    mlflow_linked: bool = False
+    """Whether that run now names this export (tag ``mor.hf_export``, artifact ``exports/<folder>.json``)."""
+    mlflow_link_error: str | None = None
+    """Why a tracked run was not linked (tracking off, store gone, server unreachable)."""
 
 
 def attention_shape(config: JobConfig) -> AttentionShape:
@@ -200,7 +206,7 @@ def _resolve_tokenizer(checkpoint: MegatronCheckpoint, tokenizer: str | Path | N
 
 def to_hf(checkpoint: str | Path, output_dir: str | Path, *, tokenizer: str | Path | None = None,
           include_tokenizer: bool = True, dtype: str | None = None, max_shard_size: int | str = "5GB",
-          overwrite: bool = False) -> ExportSummary:
+          overwrite: bool = False, link_run: bool = True) -> ExportSummary:
     """Export ``checkpoint`` (a step folder, or a save_dir whose ``latest`` is used) to ``output_dir``.
 
     Args:
@@ -211,6 +217,8 @@ def to_hf(checkpoint: str | Path, output_dir: str | Path, *, tokenizer: str | Pa
         dtype: `float32`, `bfloat16` or `float16`; default: the checkpoint's own dtype.
         max_shard_size: largest safetensors file (bytes or e.g. ``"5GB"``); larger models are sharded.
         overwrite: replace a non-empty ``output_dir``.
+        link_run: when the checkpoint names its MLflow run, tag that run with the export folder and store the
+            summary with it (best effort, a few seconds at most; see :func:`_link_run`).
 
     Raises:
         ConversionError: missing or partial shards, tensors that do not match the stored config, a
@@ -249,7 +257,37 @@ def to_hf(checkpoint: str | Path, output_dir: str | Path, *, tokenizer: str | Pa
 
         vocab = export_tokenizer(tokenizer_path, output_dir, vocab_size=ckpt.config.model.vocab_size,
                                  model_max_length=ckpt.config.model.max_seq_length)
-    return ExportSummary(output_dir=str(output_dir), checkpoint=str(ckpt.path), step=ckpt.step,
-                         architecture=config.architectures[0], num_tensors=len(hf_tensors),
-                         num_parameters=sum(t.numel() for t in hf_tensors.values()), safetensors_files=files,
-                         tokenizer_vocab_size=vocab)
+    summary = ExportSummary(output_dir=str(output_dir), checkpoint=str(ckpt.path), step=ckpt.step,
+                            architecture=config.architectures[0], num_tensors=len(hf_tensors),
+                            num_parameters=sum(t.numel() for t in hf_tensors.values()),
+                            safetensors_files=files, tokenizer_vocab_size=vocab)
+    if link_run:
+        _link_run(summary, ckpt)
+    return summary
+
+
+def _link_run(summary: ExportSummary, ckpt: MegatronCheckpoint) -> None:
+    """Record the export on the MLflow run of the checkpoint's loop state, filling the summary's ``mlflow_*``.
+
+    The store is the one training used: ``tracking.tracking_uri`` of the stored config, else
+    ``$MLFLOW_TRACKING_URI``, else the run folder's ``mlflow.db`` (only if it exists: no new store is made).
+    """
+    from mor_megatron.convert.megatron_ckpt import _read_common_state
+    from mor_megatron.tracking.mlflow import link_export
+    from mor_megatron.tracking.start import resolve_tracking_uri
+
+    summary.mlflow_run_id = (_read_common_state(ckpt.path).get("loop") or {}).get("mlflow_run_id")
+    if summary.mlflow_run_id is None:
+        return
+    tracking = ckpt.config.tracking
+    uri = resolve_tracking_uri(tracking, ckpt.config.output_dir)
+    if uri is None:
+        summary.mlflow_link_error = "tracking.enabled is false in the checkpoint's config"
+    elif uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        summary.mlflow_link_error = f"the run's store {uri} does not exist here"
+    else:
+        record = {key: value for key, value in asdict(summary).items() if not key.startswith("mlflow_")}
+        summary.mlflow_link_error = link_export(uri, summary.mlflow_run_id,
+                                                export_dir=Path(summary.output_dir).resolve(), record=record,
+                                                timeout_s=tracking.timeout_s)
+        summary.mlflow_linked = summary.mlflow_link_error is None

@@ -27,8 +27,9 @@ if TYPE_CHECKING:
     import torch.utils.data
 
 
-def parse_blend(blend: Sequence[str]) -> tuple[list[str], list[float] | None]:
-    """``data.blend`` -> (prefixes, weights or None), as megatron-core's ``GPTDatasetConfig.blend`` wants.
+def parse_blend(blend: Sequence[str], field: str = "data.blend") -> tuple[list[str], list[float] | None]:
+    """A blend (``field`` of the config) -> (prefixes, weights or None), as megatron-core's ``GPTDatasetConfig``
+    wants it.
 
     Either all prefixes (``["a", "b"]``: weighted by size) or weight/prefix pairs
     (``["0.7", "a", "0.3", "b"]``); raises ``ConfigError`` for a mix, odd pairs or non-positive weights.
@@ -39,18 +40,18 @@ def parse_blend(blend: Sequence[str]) -> tuple[list[str], list[float] | None]:
     if not _is_number(items[0]):
         numeric = [item for item in items if _is_number(item)]
         if numeric:
-            raise ConfigError(f"data.blend mixes prefixes and weights ({numeric} look like weights); use "
+            raise ConfigError(f"{field} mixes prefixes and weights ({numeric} look like weights); use "
                               "either prefixes only or weight/prefix pairs like ['0.7', 'a', '0.3', 'b']")
         return items, None
     if len(items) % 2:
-        raise ConfigError(f"data.blend={items} has an odd number of entries; weighted blends are "
+        raise ConfigError(f"{field}={items} has an odd number of entries; weighted blends are "
                           "weight/prefix pairs like ['0.7', 'a', '0.3', 'b']")
     weights, prefixes = items[0::2], items[1::2]
     for weight, prefix in zip(weights, prefixes):
         if not _is_number(weight) or float(weight) <= 0:
-            raise ConfigError(f"data.blend weight {weight!r} (for prefix {prefix!r}) must be a number > 0")
+            raise ConfigError(f"{field} weight {weight!r} (for prefix {prefix!r}) must be a number > 0")
         if _is_number(prefix):
-            raise ConfigError(f"data.blend entry {prefix!r} sits where a prefix belongs; weighted blends "
+            raise ConfigError(f"{field} entry {prefix!r} sits where a prefix belongs; weighted blends "
                               "are weight/prefix pairs like ['0.7', 'a', '0.3', 'b']")
     return prefixes, [float(w) for w in weights]
 
@@ -104,8 +105,9 @@ def num_samples_for(train: TrainConfig) -> tuple[int, int, int]:
 def check_data(data: DataConfig, vocab_size: int) -> list[IndexedDatasetSummary]:
     """Validate the data section against the model's ``vocab_size``; raises ``ConfigError`` naming the fix.
 
-    Checks: a tokenizer (SentencePiece or Hugging Face) is set, exists and has at most ``vocab_size`` ids; ``data.blend`` parses and
-    names at least one prefix; each prefix has its ``.bin`` and ``.idx``, the two agree with each other and
+    Checks: a tokenizer (SentencePiece or Hugging Face) is set, exists and has at most ``vocab_size`` ids;
+    ``data.blend`` (and ``valid_blend`` / ``test_blend``) parse and ``data.blend`` names at least one prefix;
+    each prefix has its ``.bin`` and ``.idx``, the two agree with each other and
     every token id lies below the tokenizer's size (:mod:`~mor_megatron.data.index_check`); a prefix
     tokenized by ``mor-data preprocess`` was tokenized with this same tokenizer (SHA-256 in
     ``<prefix>.meta.json``); no megatron index cache predates its prefix. Returns one summary per prefix.
@@ -123,19 +125,36 @@ def check_data(data: DataConfig, vocab_size: int) -> list[IndexedDatasetSummary]
                           f"model.vocab_size={vocab_size}; set model.vocab_size >= {tokenizer_vocab} or "
                           f"train a tokenizer with `mor-data tokenizer --vocab-size {vocab_size}` (then "
                           "re-run preprocess)")
-    prefixes, _ = parse_blend(data.blend)
-    if not prefixes:
+    blends = _blends(data)
+    if not blends["data.blend"][0]:
         raise ConfigError("data.blend is empty; make a dataset with `mor-data preprocess --input FILES "
                           f"--tokenizer {source.path} --output-prefix PREFIX` and set data.blend=[PREFIX]")
-    if sum(float(part) for part in data.split.split(",")) <= 0:
+    per_split = _per_split(data)
+    if not per_split and sum(float(part) for part in data.split.split(",")) <= 0:
         raise ConfigError(f"data.split={data.split!r} gives every split weight 0; use e.g. '969,30,1'")
     tokenizer = _TokenizerFacts(source.path, source.sha256(), tokenizer_vocab)
-    summaries = []
-    for prefix in prefixes:
-        summaries.append(_check_prefix(prefix, tokenizer))
-        _check_split_documents(prefix, data.split)
-        _check_no_stale_cache(prefix, data.cache_dir, tokenizer)
+    summaries, seen = [], set()
+    for field, (prefixes, _) in blends.items():
+        for prefix in prefixes:
+            if prefix in seen:
+                continue
+            seen.add(prefix)
+            summaries.append(_check_prefix(prefix, tokenizer, field))
+            if not per_split:
+                _check_split_documents(prefix, data.split)
+            _check_no_stale_cache(prefix, data.cache_dir, tokenizer, field)
     return summaries
+
+
+def _per_split(data: DataConfig) -> bool:
+    """Own validation/test data (Megatron-LM's per-split paths): ``data.blend`` is then all training data."""
+    return bool(data.valid_blend or data.test_blend)
+
+
+def _blends(data: DataConfig) -> dict[str, tuple[list[str], list[float] | None]]:
+    """The configured blends by config field, parsed (``data.blend`` always, the per-split ones when set)."""
+    fields = {"data.blend": data.blend, "data.valid_blend": data.valid_blend, "data.test_blend": data.test_blend}
+    return {field: parse_blend(blend, field) for field, blend in fields.items() if blend or field == "data.blend"}
 
 
 @dataclass(frozen=True)
@@ -153,35 +172,35 @@ class _TokenizerFacts:
                 f"{options}`")
 
 
-def _check_prefix(prefix: str, tokenizer: _TokenizerFacts) -> IndexedDatasetSummary:
+def _check_prefix(prefix: str, tokenizer: _TokenizerFacts, field: str) -> IndexedDatasetSummary:
     missing = [path for path in (prefix + ".bin", prefix + ".idx") if not Path(path).is_file()]
     if missing:
         exists = len(missing) == 1
-        raise ConfigError(f"data.blend prefix {prefix!r}: {' and '.join(missing)} not found; make them with "
+        raise ConfigError(f"{field} prefix {prefix!r}: {' and '.join(missing)} not found; make them with "
                           f"{tokenizer.remake(prefix, overwrite=exists)}")
     remake = f"re-make them with {tokenizer.remake(prefix, overwrite=True)}"
     try:
         meta = read_meta(prefix)
     except (OSError, ValueError) as err:
-        raise ConfigError(f"data.blend prefix {prefix!r}: unreadable {prefix}.meta.json ({err}); "
+        raise ConfigError(f"{field} prefix {prefix!r}: unreadable {prefix}.meta.json ({err}); "
                           f"{remake}") from err
     if meta is not None and meta.get("tokenizer_sha256") != tokenizer.sha256:
-        raise ConfigError(f"data.blend prefix {prefix!r} was tokenized with {meta.get('tokenizer')!r} "
+        raise ConfigError(f"{field} prefix {prefix!r} was tokenized with {meta.get('tokenizer')!r} "
                           f"({meta.get('vocab_size')} pieces), not data.tokenizer="
                           f"{str(tokenizer.path)!r}; point data.tokenizer at that model, or {remake}")
     try:
         return check_indexed_dataset(prefix, vocab_size=tokenizer.vocab_size,
                                      vocab_source=f"data.tokenizer has {tokenizer.vocab_size} pieces")
     except DamagedDataFile as err:
-        raise ConfigError(f"data.blend prefix {prefix!r}: {err}; {remake}") from None
+        raise ConfigError(f"{field} prefix {prefix!r}: {err}; {remake}") from None
 
 
-def _check_no_stale_cache(prefix: str, cache_dir: str | None, tokenizer: _TokenizerFacts) -> None:
+def _check_no_stale_cache(prefix: str, cache_dir: str | None, tokenizer: _TokenizerFacts, field: str) -> None:
     """Refuse megatron index caches older than the prefix: they index the data it held before."""
     stale = stale_cache_entries(prefix, cache_dir)
     if stale:
         rewrite = tokenizer.remake(prefix, overwrite=True, cache_dir=cache_dir)
-        raise ConfigError(f"data.blend prefix {prefix!r} was rewritten after megatron-core cached indices "
+        raise ConfigError(f"{field} prefix {prefix!r} was rewritten after megatron-core cached indices "
                           f"of it ({len(stale)} stale, e.g. {stale[0].pattern}), which would index past the "
                           f"new data; delete them with `rm {' '.join(entry.pattern for entry in stale)}`, or "
                           f"rewrite the prefix with {rewrite}")
@@ -190,13 +209,15 @@ def _check_no_stale_cache(prefix: str, cache_dir: str | None, tokenizer: _Tokeni
 def build_gpt_datasets(data: DataConfig, *, seq_length: int, num_samples: tuple[int, int, int],
                        tokenizer: Any, is_built_on_rank: Callable[[], bool] | None = None
                        ) -> tuple[Any, Any, Any]:
-    """(train, valid, test) megatron-core datasets for ``data.blend`` split by ``data.split``.
+    """(train, valid, test) megatron-core datasets for ``data.blend`` split by ``data.split``, or, with
+    ``data.valid_blend`` / ``data.test_blend``, ``data.blend`` as the training data and those as the others.
 
     ``tokenizer``: megatron-core's tokenizer (:func:`mor_megatron.data.tokenizer.load_tokenizer`); its
     ``eod`` ends documents and its ``pad`` pads. ``num_samples``: minimum samples per split (see
     :func:`num_samples_for`). ``is_built_on_rank``: with a process group, which ranks build datasets (the
     others get None; it must hold on global rank 0); ignored without one. Index caches go to
-    ``data.cache_dir`` (megatron-core's default: ``<prefix>/cache/``). A split with weight 0 is None.
+    ``data.cache_dir`` (megatron-core's default: ``<prefix>/cache/``). A split with weight 0 (or no blend of
+    its own) is None.
 
     Each sample is a dict of ``tokens`` [s] int64, ``labels`` [s] int64, ``loss_mask`` [s] float,
     ``position_ids`` [s] int64 (restarting after each EOD with ``data.reset_position_ids``), + ``attention_mask``
@@ -205,18 +226,22 @@ def build_gpt_datasets(data: DataConfig, *, seq_length: int, num_samples: tuple[
     """
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
-    prefixes, weights = parse_blend(data.blend)
-    if not prefixes:
+    blends = _blends(data)
+    if not blends["data.blend"][0]:
         raise ConfigError("data.blend is empty; set it to the prefixes written by `mor-data preprocess`")
     if len(num_samples) != 3 or any(not isinstance(n, int) or n < 0 for n in num_samples):
         raise ValueError(f"num_samples must be three integers >= 0 (train, valid, test), got {num_samples!r}")
     if seq_length < 1:
         raise ValueError(f"seq_length must be >= 1, got {seq_length}")
-    for prefix in prefixes:
-        _check_split_documents(prefix, data.split)
+    if _per_split(data):
+        splits = [blends.get(field) for field in ("data.blend", "data.valid_blend", "data.test_blend")]
+        sources = dict(blend=None, split=None, blend_per_split=splits)
+    else:
+        for prefix in blends["data.blend"][0]:
+            _check_split_documents(prefix, data.split)
+        sources = dict(blend=blends["data.blend"], split=data.split)
     config = GPTDatasetConfig(
-        random_seed=data.seed, sequence_length=seq_length, blend=(prefixes, weights), split=data.split,
-        tokenizer=tokenizer, path_to_cache=data.cache_dir, reset_position_ids=data.reset_position_ids,
+        random_seed=data.seed, sequence_length=seq_length, **sources, tokenizer=tokenizer, path_to_cache=data.cache_dir, reset_position_ids=data.reset_position_ids,
         reset_attention_mask=data.reset_attention_mask, eod_mask_loss=data.eod_mask_loss,
         create_attention_mask=data.reset_attention_mask)
     builder = _builder_class()(GPTDataset, list(num_samples), is_built_on_rank or (lambda: True), config)

@@ -17,6 +17,7 @@ import math
 import resource
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -55,6 +56,17 @@ VAL_PPL = "val/ppl"
 VAL_LOSS_CAUSAL = "val/loss_causal"
 """Validation LM loss with causal routing, as used for autoregressive inference."""
 VAL_PPL_CAUSAL = "val/ppl_causal"
+TEST_KEYS = tuple(key.replace("val/", "test/", 1) for key in (VAL_LOSS, VAL_PPL, VAL_LOSS_CAUSAL, VAL_PPL_CAUSAL))
+"""The same four on the test split, evaluated once when training reaches its last step."""
+
+DEPTH_CLASS_KEYS = {"space/punct": "space_punct", "word": "word", "digits": "digits"}
+"""Depth-map token class (``mor_megatron.viz.depth.TOKEN_CLASSES``) -> the last part of its metric key."""
+DEPTH_KEYS = tuple(f"depth/{name}" for name in ("mean", *DEPTH_CLASS_KEYS.values()))
+"""Mean recursions per token of the depth-map text (``tracking.depth_map_text``) at each evaluation, with the
+training routing: over all its tokens, then by token class."""
+DEPTH_CAUSAL_KEYS = tuple(key.replace("depth/", "depth/causal/", 1) for key in DEPTH_KEYS)
+"""The same with causal routing, what serving runs (repeats the training routing's values except under
+expert-choice, as ``val/loss_causal`` does)."""
 
 TIME_TRAIN_S = "time/train_s"
 """Cumulative training wall time in seconds (continues across resumes; evaluation excluded)."""
@@ -70,7 +82,7 @@ STATIC_KEYS = (
     TRAIN_LM_LOSS, TRAIN_TOKENS_CONSUMED, TRAIN_FLOPS_CONSUMED, OPTIM_LR, OPTIM_GRAD_NORM,
     PERF_STEP_TIME_S, PERF_TOKENS_PER_S, PERF_TOKENS_PER_S_PER_DEVICE, PERF_TFLOPS_PER_DEVICE, PERF_MFU,
     *MEMORY_KEYS,
-    VAL_LOSS, VAL_PPL, VAL_LOSS_CAUSAL, VAL_PPL_CAUSAL,
+    VAL_LOSS, VAL_PPL, VAL_LOSS_CAUSAL, VAL_PPL_CAUSAL, *TEST_KEYS, *DEPTH_KEYS, *DEPTH_CAUSAL_KEYS,
     TIME_TRAIN_S,
 )
 """Every fixed key; per-node and job-wide memory keys come from :func:`node_key` and :func:`job_max_key`."""
@@ -181,13 +193,22 @@ def perplexity(loss: float) -> float:
         return math.inf
 
 
-def validation_metrics(*, loss: float, loss_causal: float | None = None) -> dict[str, float]:
-    """Validation loss and perplexity for the training routing and, when given, the causal routing."""
-    out = {VAL_LOSS: float(loss), VAL_PPL: perplexity(loss)}
+def validation_metrics(*, loss: float, loss_causal: float | None = None, split: str = "val") -> dict[str, float]:
+    """Loss and perplexity on ``split`` (`val` or `test`) for the training routing and, when given, the causal
+    routing."""
+    out = {f"{split}/loss": float(loss), f"{split}/ppl": perplexity(loss)}
     if loss_causal is not None:
-        out[VAL_LOSS_CAUSAL] = float(loss_causal)
-        out[VAL_PPL_CAUSAL] = perplexity(loss_causal)
+        out[f"{split}/loss_causal"] = float(loss_causal)
+        out[f"{split}/ppl_causal"] = perplexity(loss_causal)
     return out
+
+
+def depth_metrics(table: Mapping[str, Any], *, causal: bool) -> dict[str, float]:
+    """:data:`DEPTH_KEYS` (``causal``: :data:`DEPTH_CAUSAL_KEYS`) from a depth map's table
+    (``mor_megatron.viz.depth.depth_table``); a token class the text does not have is left out."""
+    keys = DEPTH_CAUSAL_KEYS if causal else DEPTH_KEYS
+    means = [table["mean_depth"], *(table["by_class"][name]["mean_depth"] for name in DEPTH_CLASS_KEYS)]
+    return {key: float(mean) for key, mean in zip(keys, means, strict=True) if mean is not None}
 
 
 # ----------------------------------------------------------------------------------------------------------

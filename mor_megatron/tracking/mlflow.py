@@ -11,9 +11,11 @@ module is cheap. It builds on :mod:`.sinks`, which never imports it.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import queue
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -31,6 +33,7 @@ from mor_megatron.tracking.sinks import (
 )
 
 if TYPE_CHECKING:
+    from mlflow.entities import DatasetInput
     from mlflow.tracking import MlflowClient
 
     from mor_megatron.config import TrackingConfig
@@ -227,6 +230,25 @@ class MlflowSink:
         name = check_artifact_name(name)
         self._submit(_Call(f"uploading artifact {name}",
                            lambda: self._client.log_text(self.run_id, text, name)))
+
+    def log_artifact_bytes(self, name: str, data: bytes) -> None:
+        """Queue ``data`` as artifact file ``name``."""
+        name = check_artifact_name(name)
+        self._submit(_Call(f"uploading artifact {name}", lambda: self._upload_bytes(name, data)))
+
+    def log_dataset_inputs(self, datasets: Sequence[DatasetInput]) -> None:
+        """Queue dataset inputs (what the run trained on; MLflow keeps one per name and digest)."""
+        if datasets:
+            self._submit(_Call("logging dataset inputs",
+                               lambda: self._client.log_inputs(self.run_id, datasets=list(datasets))))
+
+    def _upload_bytes(self, name: str, data: bytes) -> None:
+        # MLflow uploads files by their own name: write one named like the artifact into a scratch folder.
+        folder, _, filename = name.rpartition("/")
+        with tempfile.TemporaryDirectory(prefix="mor-artifact-") as scratch:
+            path = Path(scratch) / filename
+            path.write_bytes(data)
+            self._client.log_artifact(self.run_id, str(path), folder or None)
 
     def close(self, *, status: RunStatus = "FINISHED") -> None:
         """Send what is queued (bounded by ``close_timeout_s``), then end the run with ``status`` if this sink
@@ -496,3 +518,40 @@ def _log_resume_params(sink: MlflowSink, params: Mapping[str, str],
     if changed:
         _log.info("resumed MLflow run %s keeps its original params; changed on resume: %s", sink.run_id,
                   ", ".join(changed))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Linking a Hugging Face export to the run that trained it (mor-convert to-hf).
+# ----------------------------------------------------------------------------------------------------------
+
+EXPORT_TAG = "mor.hf_export"
+"""Run tag naming the folder of the run's latest Hugging Face export (absolute path)."""
+
+
+def link_export(tracking_uri: str, run_id: str, *, export_dir: Path, record: Mapping[str, object],
+                timeout_s: float = 5.0) -> str | None:
+    """Tag run ``run_id`` with :data:`EXPORT_TAG` = ``export_dir`` and upload ``record`` as
+    ``exports/<folder name>.json``. Best effort, waits at most about ``3 * timeout_s``: returns None once
+    linked, else why not (the export itself is done either way)."""
+    configure_mlflow_http(timeout_s)
+    from mlflow.tracking import MlflowClient
+
+    errors = _tracking_errors()
+    outcome: list[str | None] = []
+
+    def link() -> None:
+        try:
+            with _quiet_http_retries():
+                client = MlflowClient(tracking_uri)
+                client.set_tag(run_id, EXPORT_TAG, str(export_dir))
+                client.log_text(run_id, json.dumps(dict(record), indent=1) + "\n",
+                                f"exports/{export_dir.name}.json")
+            outcome.append(None)
+        except errors as err:
+            outcome.append(f"{type(err).__name__}: {_shorten((str(err).splitlines() or [''])[0])}")
+
+    # A thread, so that a server that accepts connections and never answers cannot hold the export.
+    thread = threading.Thread(target=link, name="mor-export-link", daemon=True)
+    thread.start()
+    thread.join(timeout=3 * timeout_s)
+    return outcome[0] if outcome else f"no answer from {tracking_uri} within {3 * timeout_s:g} s"

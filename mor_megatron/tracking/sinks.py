@@ -64,6 +64,9 @@ class MetricSink(Protocol):
     def log_artifact_text(self, name: str, text: str) -> None:
         """Store ``text`` as a file ``name`` (a relative path) with the run."""
 
+    def log_artifact_bytes(self, name: str, data: bytes) -> None:
+        """Store ``data`` as a file ``name`` (a relative path) with the run (images: depth-map PNGs)."""
+
     def close(self, *, status: RunStatus = "FINISHED") -> None:
         """Flush within a bounded time and release resources; ``status`` says how the job ended."""
 
@@ -78,6 +81,9 @@ class NullSink:
         """Discard."""
 
     def log_artifact_text(self, name: str, text: str) -> None:
+        """Discard."""
+
+    def log_artifact_bytes(self, name: str, data: bytes) -> None:
         """Discard."""
 
     def close(self, *, status: RunStatus = "FINISHED") -> None:
@@ -104,6 +110,11 @@ class FanOutSink:
         """Forward to every sink."""
         for sink in self.sinks:
             sink.log_artifact_text(name, text)
+
+    def log_artifact_bytes(self, name: str, data: bytes) -> None:
+        """Forward to every sink."""
+        for sink in self.sinks:
+            sink.log_artifact_bytes(name, data)
 
     def close(self, *, status: RunStatus = "FINISHED") -> None:
         """Close every sink, the last one first."""
@@ -179,7 +190,7 @@ class JsonlSink:
     ``resume_step`` that the interrupted attempt wrote (see :func:`_drop_steps_after`), so every step is in
     the file once, with the values of the training that continues from the checkpoint; ``superseded_step``
     is the highest dropped step. Non-finite values are written as ``NaN``/``Infinity``, which Python's
-    ``json`` reads back. Text artifacts go to ``<dir of the file>/artifacts/<name>``. A write error (disk
+    ``json`` reads back. Artifacts go to ``<dir of the file>/artifacts/<name>``. A write error (disk
     full) is warned once and stops this sink.
     """
 
@@ -227,10 +238,14 @@ class JsonlSink:
 
     def log_artifact_text(self, name: str, text: str) -> None:
         """Write ``text`` to ``artifacts/<name>`` beside the JSONL file."""
+        self.log_artifact_bytes(name, text.encode("utf-8"))
+
+    def log_artifact_bytes(self, name: str, data: bytes) -> None:
+        """Write ``data`` to ``artifacts/<name>`` beside the JSONL file."""
         target = self.path.parent / "artifacts" / check_artifact_name(name)
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_text(text, encoding="utf-8")
+            target.write_bytes(data)
         except OSError as err:
             _log.warning("could not write artifact %s: %s: %s", target, type(err).__name__, err)
 

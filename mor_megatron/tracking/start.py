@@ -5,6 +5,7 @@ The one module that picks backends, so that :mod:`.sinks` never needs to import 
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -14,11 +15,15 @@ import torch.distributed as dist
 import yaml
 
 from mor_megatron.runtime import LaunchEnv
-from mor_megatron.tracking import run_info, sinks
+from mor_megatron.tracking import datasets, run_info, sinks
 from mor_megatron.tracking.mlflow import RunSpec, SystemMetricsSink, TrackingOutage, open_run
 
 if TYPE_CHECKING:
+    from mlflow.entities import DatasetInput
+
     from mor_megatron.config import TrackingConfig
+
+_log = logging.getLogger(__name__)
 
 
 def resolve_tracking_uri(tracking_cfg: TrackingConfig, run_dir: str | Path) -> str | None:
@@ -60,6 +65,15 @@ def _files_uploaded_at_close(metrics_jsonl: Path) -> list[tuple[Path, str | None
     return files
 
 
+def _dataset_inputs(data: Mapping[str, Any]) -> list[DatasetInput]:
+    # Describing the data is a nicety of the run page: a blend it cannot read is warned about, not fatal.
+    try:
+        return datasets.dataset_inputs(data)
+    except (OSError, ValueError) as err:
+        _log.warning("the run's dataset inputs are not logged: %s: %s", type(err).__name__, err)
+        return []
+
+
 def _open_logging_rank(tracking_cfg: TrackingConfig, *, outage: TrackingOutage | None, jsonl_path: Path,
                        run_dir: Path, config_dict: Mapping[str, Any], resume_run_id: str | None,
                        resume_step: int) -> tuple[list[sinks.MetricSink], str | None]:
@@ -81,6 +95,7 @@ def _open_logging_rank(tracking_cfg: TrackingConfig, *, outage: TrackingOutage |
         mlflow_sink, run_id = open_run(tracking_cfg, tracking_uri=tracking_uri, run_dir=run_dir, spec=spec,
                                        resume_run_id=resume_run_id, outage=outage)
         if mlflow_sink is not None:
+            mlflow_sink.log_dataset_inputs(_dataset_inputs(config_dict.get("data") or {}))
             opened.append(mlflow_sink)
     jsonl.log_run(run_id=run_id, run_name=run_name, experiment=tracking_cfg.experiment,
                   tracking_uri=tracking_uri, start_step=resume_step)

@@ -21,6 +21,7 @@ MegatronEngine`, so that the two backends give the same losses from the same ini
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import os
 from pathlib import Path
@@ -200,6 +201,15 @@ class DeepSpeedEngine:
     def held_parameters(self) -> tuple[int, int]:
         """Full parameter sizes also under ZeRO-3, whose parameters hold only their partition (``ds_numel``)."""
         return M.held_parameters(self.model.parameters(), lambda param: getattr(param, "ds_numel", param.numel()))
+
+    @property
+    def model_runs_alone(self) -> bool:
+        """ZeRO-3 gathers parameters through the DeepSpeed engine's own forward; stages 1-2 hold them whole."""
+        return self.zero_stage != 3
+
+    def run_artifacts(self) -> dict[str, str]:
+        """The JSON DeepSpeed actually ran with (batch sizes and precision filled in)."""
+        return {"deepspeed_config.json": json.dumps(self.ds_config, indent=2)}
 
     def _micro_batch_loss(self, batch: dict[str, torch.Tensor], routing_mode: str) -> torch.Tensor:
         batch = move_batch(batch, self.ctx.device)

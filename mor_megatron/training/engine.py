@@ -32,6 +32,13 @@ class Engine(Protocol):
     def held_parameters(self) -> tuple[int, int]:
         """``tracking.metrics.held_parameters`` of this rank's model slice, full sizes however it is partitioned."""
 
+    @property
+    def model_runs_alone(self) -> bool:
+        """Whether ``model`` can run a forward by itself (ZeRO-3's partitioned parameters cannot)."""
+
+    def run_artifacts(self) -> dict[str, str]:
+        """Text files the backend adds to the run's artifacts (name -> content), e.g. its resolved config."""
+
     def train_step(self, batches: Batches) -> dict[str, float]:
         """One optimizer step over a global batch drawn from ``batches``.
 

@@ -1,4 +1,5 @@
-"""Validation metrics of a saved checkpoint, at whatever parallel layout this job runs.
+"""Validation metrics of a saved checkpoint, at whatever parallel layout this job runs; the depth maps of the
+trainer's evaluations.
 
 Checkpoints hold global tensors, so one saved at TP=2 evaluates at TP=1 (or any layout the model fits) to the
 trainer's ``val/*`` numbers for the same config, up to float rounding. That is how resharding is checked, and
@@ -10,18 +11,24 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from mor_megatron.config import ConfigError, JobConfig
 from mor_megatron.data.datasets import build_data_loader, build_gpt_datasets, num_samples_for
 from mor_megatron.data.tokenizer import load_tokenizer
+from mor_megatron.model.gpt import MoRGPTModel
+from mor_megatron.model.router_stats import RouterStats
 from mor_megatron.runtime import DistributedContext
 from mor_megatron.tracking import metrics as M
 from mor_megatron.training.engine import Engine
 from mor_megatron.training.megatron_engine import MegatronEngine
+from mor_megatron.viz.depth import DepthMap
 
 
-def validation_metrics(engine: Engine, valid_ds: Any, config: JobConfig,
-                       ctx: DistributedContext) -> dict[str, float]:
-    """``val/loss``, ``val/ppl``, ``val/loss_causal``, ``val/ppl_causal`` over the start of ``valid_ds``.
+def validation_metrics(engine: Engine, valid_ds: Any, config: JobConfig, ctx: DistributedContext, *,
+                       split: str = "val") -> dict[str, float]:
+    """``val/loss``, ``val/ppl``, ``val/loss_causal``, ``val/ppl_causal`` over the start of ``valid_ds``
+    (``test/*`` with ``split="test"`` and the test dataset).
 
     Reads the first ``train.eval_steps`` global batches (this rank's data-parallel share of each) with top-k
     routing and, for expert-choice routing, causal routing too; token-choice and plain recursion are causal by
@@ -36,7 +43,36 @@ def validation_metrics(engine: Engine, valid_ds: Any, config: JobConfig,
                                          num_workers=config.data.num_workers))
         losses[mode] = engine.eval_loss(batches, num_batches=config.train.eval_steps, routing_mode=mode)
     engine.model.pop_router_stats()
-    return M.validation_metrics(loss=losses["topk"], loss_causal=losses.get("causal", losses["topk"]))
+    return M.validation_metrics(loss=losses["topk"], loss_causal=losses.get("causal", losses["topk"]), split=split)
+
+
+def eval_depth_maps(model: MoRGPTModel, ids: list[int], pieces: list[str], *, config: JobConfig, step: int,
+                    device: torch.device, name: str) -> list[DepthMap]:
+    """Depth maps of the tokens ``ids`` (text ``pieces``) at ``step``: training routing, then, under
+    expert-choice, causal routing (other routings are causal by construction: one map).
+
+    Leaves training as it was: forward only in eval mode, the random generators forked (an eval-mode
+    forward draws nothing; forking keeps it so), and the router statistics of these forwards kept apart, so
+    the training's router metrics do not change. Needs the whole routing in this process (no pipeline
+    parallelism: ``token_depths`` refuses). Collective over the tensor-parallel group: each of its ranks
+    calls it.
+    """
+    modes = ["topk", "causal"] if config.recursion.routing == "expert_choice" else ["causal"]
+    decoder, was_training = model.decoder, model.training
+    training_stats, decoder.router_stats = decoder.router_stats, RouterStats()
+    model.eval()
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            tokens = torch.tensor([ids], dtype=torch.long, device=device)
+            positions = torch.arange(len(ids), device=device)[None]
+            depths = {mode: model.token_depths(tokens, positions, routing_mode=mode)[0].tolist()
+                      for mode in modes}
+    finally:
+        decoder.router_stats = training_stats
+        model.train(was_training)
+    return [DepthMap(pieces=pieces, depths=depths[mode], num_recursions=config.recursion.num_recursions,
+                     routing=config.recursion.routing, routing_mode=mode, model=name, step=step)
+            for mode in modes]
 
 
 def evaluate_checkpoint(config: JobConfig, ctx: DistributedContext, *,

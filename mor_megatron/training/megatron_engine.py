@@ -123,6 +123,11 @@ class MegatronEngine:
     def held_parameters(self) -> tuple[int, int]:
         return M.held_parameters(self.model.parameters())
 
+    model_runs_alone = True
+
+    def run_artifacts(self) -> dict[str, str]:
+        return {}
+
     def _data_iterators(self, batches: Batches):
         """Per-chunk data: only chunk 0 on the first stage and the last chunk on the last stage read batches."""
         if self.ctx.dims.pp == 1:

@@ -9,9 +9,10 @@ time, MLflow run id).
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -34,9 +35,13 @@ from mor_megatron.training.console import (
     startup_banner,
 )
 from mor_megatron.training.engine import Batches, Engine
-from mor_megatron.training.evaluate import validation_metrics
+from mor_megatron.training.evaluate import eval_depth_maps, validation_metrics
 from mor_megatron.checkpoint.save_dir_lock import SaveDirLock, lock_save_dir
 from mor_megatron.training.stopping import ExitSignals, LauncherWatch, StopConditions, world_max
+from mor_megatron.viz.depth import DepthMap, depth_table, render_html, render_png, token_pieces
+
+if TYPE_CHECKING:
+    from megatron.core.tokenizers import MegatronTokenizerBase
 
 EngineFactory = Callable[[JobConfig, DistributedContext], Engine]
 
@@ -60,6 +65,8 @@ class Trainer:
         """Why :meth:`train` stopped before ``train.train_steps`` (then the run ends as KILLED), else None."""
         self.val_losses: list[tuple[int, float]] = []
         """(step, val/loss) of each evaluation of this job, for the end-of-run summary."""
+        self.depth_map_input: tuple[list[int], list[str]] | None = None
+        """(token ids, text pieces) of ``tracking.depth_map_text``, mapped at each evaluation; None: off."""
 
     def build(self) -> None:
         """Save-dir lock, data, engine (model, optimizer, schedule), checkpoint resume, tracking: in that order."""
@@ -69,9 +76,10 @@ class Trainer:
         # From here on SIGTERM/SIGUSR1 stop training after a step with a checkpoint instead of killing it.
         self.exit_signals = ExitSignals()
         tokenizer = load_tokenizer(cfg.data.tokenizer)
-        self.train_ds, self.valid_ds, _ = build_gpt_datasets(
+        self.train_ds, self.valid_ds, self.test_ds = build_gpt_datasets(
             cfg.data, seq_length=cfg.seq_length, num_samples=num_samples_for(cfg.train), tokenizer=tokenizer)
         self.engine = self.engine_factory(cfg, self.ctx)
+        self.depth_map_input = self._depth_map_input(tokenizer)
         resumed = self.engine.resume()
         if resumed is not None:
             self.loop = resumed
@@ -84,14 +92,57 @@ class Trainer:
                                                cfg.seq_length).training_flops_per_token_with_lm_head
         counts = self._parameter_counts()
         self.sink.log_params({key: str(int(value)) for key, value in counts.items()})
-        # DeepSpeed engines carry the JSON DeepSpeed actually ran with (batch sizes and precision filled in).
-        ds_config = getattr(self.engine, "ds_config", None)
-        if ds_config is not None:
-            self.sink.log_artifact_text("deepspeed_config.json", json.dumps(ds_config, indent=2))
+        for name, text in self.engine.run_artifacts().items():
+            self.sink.log_artifact_text(name, text)
         if self.engine.is_logging_rank:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(dump_config(cfg))
         self._log_rank0(startup_banner(cfg, self._run_facts(counts)))
+
+    def _depth_map_input(self, tokenizer: MegatronTokenizerBase) -> tuple[list[int], list[str]] | None:
+        """The depth-map text's ids (cut to ``tracking.depth_map_tokens`` and the sequence length) and
+        pieces, or None when depth maps are off or this layout cannot map depths (said once)."""
+        tracking = self.config.tracking
+        if not (tracking.depth_maps and self.config.train.eval_steps):
+            return None
+        if self.ctx.dims.pp > 1:  # the routing lives on the first stage only; token_depths needs it all
+            self._log_rank0(" depth maps skipped: pipeline parallelism (mor-viz depth maps a checkpoint)")
+            return None
+        if not self.engine.model_runs_alone:
+            self._log_rank0(" depth maps skipped: DeepSpeed ZeRO-3 (mor-viz depth maps a checkpoint)")
+            return None
+        ids = list(tokenizer.tokenize(tracking.depth_map_text))[:min(tracking.depth_map_tokens,
+                                                                     self.config.seq_length)]
+        if not ids:
+            return None
+        return ids, token_pieces(tokenizer.detokenize, ids)
+
+    def _log_depth_maps(self) -> None:
+        """Depth maps of this evaluation: ``depth/*`` metrics, and on the logging rank the artifacts
+        ``depth/step_XXXXXX.{html,png,json}`` (``_causal`` before the suffix: expert-choice's causal map)."""
+        ids, pieces = self.depth_map_input
+        step = self.loop.step
+        maps = eval_depth_maps(self.engine.model, ids, pieces, config=self.config, step=step,
+                               device=self.ctx.device, name=str(self.run_dir))
+        values: dict[str, float] = {}
+        for depth_map in maps:
+            table = depth_table(depth_map)
+            causal = depth_map.routing_mode == "causal"
+            values.update(M.depth_metrics(table, causal=causal))
+            if len(maps) == 1:  # routing causal by construction: the training routing's keys are the same
+                values.update(M.depth_metrics(table, causal=False))
+            if self.engine.is_logging_rank:
+                suffix = "_causal" if causal and len(maps) > 1 else ""
+                self._log_depth_artifacts(depth_map, table, f"depth/step_{step:06d}{suffix}")
+        self._emit(values)
+
+    def _log_depth_artifacts(self, depth_map: DepthMap, table: dict[str, Any], stem: str) -> None:
+        self.sink.log_artifact_text(f"{stem}.json", json.dumps(table, indent=1, ensure_ascii=False) + "\n")
+        self.sink.log_artifact_text(f"{stem}.html", render_html(depth_map, table))
+        with tempfile.TemporaryDirectory(prefix="mor-depth-") as scratch:
+            png = Path(scratch) / "depth.png"
+            render_png(depth_map, png)
+            self.sink.log_artifact_bytes(f"{stem}.png", png.read_bytes())
 
     def _run_facts(self, counts: dict[str, float]) -> RunFacts:
         dims, tracking = self.ctx.dims, self.config.tracking
@@ -131,6 +182,8 @@ class Trainer:
             if tcfg.eval_steps and (step % tcfg.eval_interval == 0 or last):
                 val = self.evaluate()
                 self._emit(val)
+                if self.depth_map_input is not None:
+                    self._log_depth_maps()
                 self._log_rank0(f" validation at step {step} | lm loss {val[M.VAL_LOSS]:.4f} | causal-routing "
                                 f"loss {val[M.VAL_LOSS_CAUSAL]:.4f} | ppl {val[M.VAL_PPL]:.2f}")
             self.stop_reason = None if last else stop.check(step)
@@ -143,6 +196,11 @@ class Trainer:
                         else "not saved (no checkpoint.save_dir)")
                 self._log_rank0(f" stopping after step {step} of {tcfg.train_steps}: {self.stop_reason}; {then}")
                 break
+        if self.loop.step == tcfg.train_steps and self.test_ds is not None and tcfg.eval_steps:
+            test = validation_metrics(self.engine, self.test_ds, cfg, self.ctx, split="test")
+            self._emit(test)
+            self._log_rank0(f" test split after step {self.loop.step} | lm loss {test['test/loss']:.4f} | "
+                            f"causal-routing loss {test['test/loss_causal']:.4f}")
         self._log_rank0(self._summary())
         return self.loop
 

@@ -33,7 +33,7 @@ def hf_data(tmp_path_factory):
 
 def _overrides(root: Path, tokenizer: Path, steps: int) -> list[str]:
     # Document masking on too: packed documents, EOD at id 0, through training, resume and evaluation.
-    return [f"data.blend=[{root / 'text'}]", f"data.tokenizer={tokenizer}", "data.split=90,10,0",
+    return [f"data.blend=[{root / 'text'}]", f"data.tokenizer={tokenizer}", "data.split=80,10,10",
             "data.reset_attention_mask=true", "data.reset_position_ids=true", "data.eod_mask_loss=true",
             "preset=tiny-mor-e-r3", f"model.vocab_size={VOCAB}", "train.seq_length=64",
             "train.global_batch_size=4", "train.micro_batch_size=2", "train.precision=fp32",
@@ -81,6 +81,9 @@ def test_hf_bpe_with_eos_at_id_0_trains_resumes_exports_and_generation_stops_at_
 
     (result,) = run_ranks(_train_then_resume, 1, tmp_path / "ranks", root=str(root), tokenizer=str(tokenizer_dir))
     assert result["steps"] == [0, 3, 3, 5]
+    records = [json.loads(line) for line in (root / "run" / "metrics.jsonl").read_text().splitlines()]
+    tested = [r["step"] for r in records if "test/loss" in r.get("metrics", {})]
+    assert tested == [3, 5], "the test split is evaluated when each job reaches its last step"
 
     export = tmp_path / "hf"
     to_hf(root / "run" / "checkpoints", export)

@@ -1,8 +1,11 @@
 """Real Megatron pretraining on 2 CPU processes (``torchrun -m mor_megatron.pretrain``), real MLflow server.
 
 The first test reads the job's one MLflow run back through ``MlflowClient``: training time, step time, peak
-memory, losses, router statistics, validation with both routings, system metrics tagged by node and the
-resolved config as params. The second kills the server once metrics arrive (then leaves its port hanging, so
+memory, losses, router statistics, validation with both routings, system metrics tagged by node, the
+resolved config as params, a depth map at each evaluation, the training data as a dataset input, and the link
+that ``mor-convert to-hf`` puts on the run.
+
+The second kills the server once metrics arrive (then leaves its port hanging, so
 every later request waits out its timeout) and checks that training still exits 0 without waiting on it, with
 every metric in ``<output_dir>/metrics.jsonl`` and one warning naming the tracking URI.
 """
@@ -129,6 +132,28 @@ def test_two_process_training_logs_one_complete_run(tiny_data, tmp_path):
         stdout = agents[0].stdout.read_text()
         assert f"run {run_id} at {server.uri}" in stdout and "ETA: " in stdout, stdout[-3000:]
         assert f"run finished: step {steps}/{steps}" in stdout and "best " in stdout, stdout[-3000:]
+
+        # A depth map of the fixed text at each evaluation (expert-choice: training and causal routing).
+        depth_files = {artifact.path for artifact in client.list_artifacts(run_id, "depth")}
+        assert depth_files == {f"depth/step_{step:06d}{routing}.{ext}" for step in (3, 6)
+                               for routing in ("", "_causal") for ext in ("html", "png", "json")}, depth_files
+        for key in (*m.DEPTH_KEYS, *m.DEPTH_CAUSAL_KEYS):
+            if key.endswith(("/mean", "/word", "/space_punct")):  # the default text has words and spaces
+                assert sorted(history(key)) == [3, 6], key
+                assert all(0.0 <= v <= 3.0 for v in history(key).values()), key
+        # The training data as a dataset input: the run list's Dataset column.
+        (dataset_input,) = run.inputs.dataset_inputs
+        assert {(tag.key, tag.value) for tag in dataset_input.tags} == {("mlflow.data.context", "training")}
+        assert json.loads(dataset_input.dataset.profile)["prefixes"] and dataset_input.dataset.digest
+
+        # The HF export names its run, and the run names the export.
+        from mor_megatron.convert.to_hf import to_hf
+        from mor_megatron.tracking.mlflow import EXPORT_TAG
+
+        summary = to_hf(output_dir / "ckpt", tmp_path / "hf", include_tokenizer=False)
+        assert summary.mlflow_run_id == run_id and summary.mlflow_linked, summary
+        assert client.get_run(run_id).data.tags[EXPORT_TAG] == str((tmp_path / "hf").resolve())
+        assert [a.path for a in client.list_artifacts(run_id, "exports")] == ["exports/hf.json"]
 
 
 def test_server_killed_mid_run_training_finishes(tiny_data, tmp_path):

@@ -317,6 +317,30 @@ def test_document_masking_flags_reach_the_samples(tmp_path, tokenizer_model, tok
     assert torch.equal(sample["loss_mask"] == 0, tokens == tokenizer.eod)
 
 
+def test_own_validation_and_test_blends(tmp_path, tokenizer_model, tokenizer):
+    """data.valid_blend / data.test_blend (Megatron-LM's per-split paths): data.blend is all training data."""
+    prefixes = {}
+    for name, text in (("train", "alpha = 1\n"), ("valid", "beta = 2\n"), ("test", "gamma = 3\n")):
+        docs = tmp_path / f"{name}.jsonl"
+        docs.write_text("".join(json.dumps({"text": f"{text}# {i}\n"}) + "\n" for i in range(30)))
+        prefixes[name] = preprocess([docs], tmp_path / name, tokenizer=tokenizer_model, progress=False).prefix
+    data = _data_config(prefixes["train"], tokenizer_model, tmp_path, valid_blend=(prefixes["valid"],),
+                        test_blend=(prefixes["test"],), split="1,0,0")  # the split is not used then
+    assert len(check_data(data, vocab_size=VOCAB)) == 3
+    train, valid, test = build_gpt_datasets(data, seq_length=16, num_samples=(8, 4, 4), tokenizer=tokenizer)
+    for dataset, word in ((train, "alpha"), (valid, "beta"), (test, "gamma")):
+        text = tokenizer.detokenize(dataset[0]["tokens"].tolist())
+        assert word in text and not {"alpha", "beta", "gamma"} - {word} & set(re.findall(r"[a-z]+", text))
+    only_valid = _data_config(prefixes["train"], tokenizer_model, tmp_path, valid_blend=(prefixes["valid"],))
+    assert build_gpt_datasets(only_valid, seq_length=16, num_samples=(8, 4, 4), tokenizer=tokenizer)[2] is None
+    with pytest.raises(ConfigError, match=r"data.valid_blend prefix '.*nope': .*nope.bin and .*nope.idx not found"):
+        check_data(_data_config(prefixes["train"], tokenizer_model, tmp_path, valid_blend=(str(tmp_path / "nope"),)),
+                   vocab_size=VOCAB)
+    with pytest.raises(ConfigError, match=r"data.test_blend=\[.*\] has an odd number of entries"):
+        check_data(_data_config(prefixes["train"], tokenizer_model, tmp_path, test_blend=("0.5", "a", "0.5")),
+                   vocab_size=VOCAB)
+
+
 def test_split_document_counts_match_megatron():
     from megatron.core.datasets.blended_megatron_dataset_config import (convert_split_vector_to_split_matrix,
                                                                         parse_and_normalize_split)

@@ -151,13 +151,14 @@ def test_hf_export_routes_as_megatron(routing, kv_mode, tmp_path):
         assert torch.equal(hf.token_depths(ids, routing_mode=mode), depths), mode
 
 
-def _save(model, config: JobConfig, ctx, save_dir: Path, step: int = 0) -> Path:
+def _save(model, config: JobConfig, ctx, save_dir: Path, step: int = 0, run_id: str | None = None) -> Path:
     from mor_megatron.checkpoint.loop_state import LoopState
     from mor_megatron.checkpoint.megatron import Checkpointer
     from mor_megatron.config import config_to_dict
 
     return Checkpointer(save_dir=str(save_dir), load_dir=None, keep_last=1, ctx=ctx).save(
-        step, model_chunks=[model], optimizer=None, scheduler=None, loop=LoopState(step=step),
+        step, model_chunks=[model], optimizer=None, scheduler=None,
+        loop=LoopState(step=step, mlflow_run_id=run_id),
         config_dict=config_to_dict(config), source={"test": "depth map"})
 
 
@@ -225,3 +226,120 @@ def test_token_pieces_and_classes():
     assert "".join(pieces) == text and pieces[1] == "" and pieces[2] == "é"
     assert [token_class(p) for p in ["hello", "x_1", "42", " ", ",\n", "_"]] == [
         "word", "word", "digits", "space/punct", "space/punct", "word"]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Depth maps at each evaluation of training (Trainer._log_depth_maps).
+
+class _TextTokenizer:
+    """Token ids are the positions of SEQUENCE; a token's text says its id (fake, no tokenizer files)."""
+
+    def tokenize(self, text: str) -> list[int]:
+        return SEQUENCE.tolist()
+
+    def detokenize(self, ids: list[int]) -> str:
+        return "".join(f"t{i} " if i % 2 else f"{i}," for i in ids)
+
+
+def _trainer(config: JobConfig, ctx, model, sink_path: Path):
+    from types import SimpleNamespace
+
+    from mor_megatron.tracking.sinks import JsonlSink
+    from mor_megatron.training.trainer import Trainer
+
+    trainer = Trainer(config, ctx, engine_factory=lambda *_: None)
+    trainer.engine = SimpleNamespace(model=model, is_logging_rank=True, model_runs_alone=True)
+    trainer.sink = JsonlSink(sink_path)
+    trainer.loop.step = 100
+    trainer.depth_map_input = trainer._depth_map_input(_TextTokenizer())
+    return trainer
+
+
+@pytest.mark.parametrize("routing", ["expert_choice", "token_choice"])
+def test_depth_maps_at_evaluation_are_logged_and_leave_training_alone(routing, tmp_path):
+    from mor_megatron.tracking import metrics as M
+    from mor_megatron.tracking.sinks import read_jsonl
+
+    config = _config(routing)
+    with lone_process_group() as ctx:
+        model = _build(config, ctx.pg_collection)
+        _force_depths(model, routing)
+        model.train()
+        trainer = _trainer(config, ctx, model, tmp_path / "metrics.jsonl")
+        # Router statistics of a training forward not yet logged: the hook must leave them as they are.
+        model(SEQUENCE[None], torch.arange(len(SEQUENCE))[None], None)
+        stats = model.decoder.router_stats
+        before = ({k: v.clone() for k, v in stats._sums.items()}, dict(stats._counts))
+        rng = torch.get_rng_state()
+        trainer._log_depth_maps()
+        assert model.training
+        assert torch.equal(torch.get_rng_state(), rng)
+        assert model.decoder.router_stats is stats and dict(stats._counts) == before[1]
+        assert stats._sums.keys() == before[0].keys()
+        assert all(torch.equal(stats._sums[k], v) for k, v in before[0].items())
+        trainer.sink.close()
+
+    (record,) = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if r["kind"] == "metrics"]
+    assert record["step"] == 100
+    # Depths 1, 2, 3 in turn; odd ids (depths 2 and 1) are words "tN ", even ones digits "N,".
+    word = [int(TARGET[i]) for i in SEQUENCE.tolist() if i % 2]
+    digits = [int(TARGET[i]) for i in SEQUENCE.tolist() if not i % 2]
+    expected = {"depth/mean": 2.0, "depth/word": sum(word) / len(word),
+                "depth/digits": sum(digits) / len(digits)}
+    assert record["metrics"] == pytest.approx({**expected, **{k.replace("depth/", "depth/causal/"): v
+                                                              for k, v in expected.items()}}, abs=1e-4)
+    assert set(record["metrics"]) <= set(M.STATIC_KEYS)
+    stems = ["step_000100", "step_000100_causal"] if routing == "expert_choice" else ["step_000100"]
+    artifacts = tmp_path / "artifacts" / "depth"
+    assert sorted(p.name for p in artifacts.iterdir()) == sorted(f"{s}.{ext}" for s in stems
+                                                                 for ext in ("html", "json", "png"))
+    for stem in stems:
+        table = json.loads((artifacts / f"{stem}.json").read_text())
+        assert table["step"] == 100 and [d for _, d in table["tokens"]] == TARGET[SEQUENCE].tolist()
+        assert _html_depths((artifacts / f"{stem}.html").read_text()) == TARGET[SEQUENCE].tolist()
+        assert (artifacts / f"{stem}.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_depth_map_input_is_cut_and_switchable(tmp_path):
+    config = _config("expert_choice")
+    config.tracking.depth_map_tokens = 5
+    with lone_process_group() as ctx:
+        trainer = _trainer(config, ctx, None, tmp_path / "metrics.jsonl")
+        ids, pieces = trainer.depth_map_input
+        assert ids == SEQUENCE.tolist()[:5] and len(pieces) == 5
+        config.tracking.depth_maps = False
+        assert trainer._depth_map_input(_TextTokenizer()) is None
+        trainer.sink.close()
+
+
+def test_hf_export_is_linked_to_its_run(tmp_path, monkeypatch):
+    """to-hf tags the checkpoint's MLflow run (the run folder's sqlite store) with the export and stores its
+    summary there; a run id whose store is gone leaves the export alone and says why."""
+    from mlflow.tracking import MlflowClient
+
+    from mor_megatron.convert.to_hf import to_hf
+    from mor_megatron.tracking.mlflow import EXPORT_TAG
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
+    experiment = client.create_experiment("export", artifact_location=(run_dir / "mlartifacts").as_uri())
+    run_id = client.create_run(experiment).info.run_id
+    config = _config("expert_choice")
+    config.output_dir = str(run_dir)
+    with lone_process_group() as ctx:
+        model = _build(config, ctx.pg_collection)
+        _save(model, config, ctx, tmp_path / "ckpt", step=4, run_id=run_id)
+    summary = to_hf(tmp_path / "ckpt", tmp_path / "hf", include_tokenizer=False)
+    assert (summary.mlflow_run_id, summary.mlflow_linked, summary.mlflow_link_error) == (run_id, True, None)
+    assert client.get_run(run_id).data.tags[EXPORT_TAG] == str((tmp_path / "hf").resolve())
+    record = json.loads(Path(client.download_artifacts(run_id, "exports/hf.json", str(tmp_path))).read_text())
+    assert record["step"] == 4 and record["output_dir"] == str(tmp_path / "hf")
+
+    config.output_dir = str(tmp_path / "gone")
+    with lone_process_group() as ctx:
+        _save(_build(config, ctx.pg_collection), config, ctx, tmp_path / "ckpt2", run_id=run_id)
+    summary = to_hf(tmp_path / "ckpt2", tmp_path / "hf2", include_tokenizer=False)
+    assert not summary.mlflow_linked and "does not exist" in summary.mlflow_link_error
+    assert not (tmp_path / "gone").exists()

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -210,12 +211,47 @@ def test_mlflow_sink_on_sqlite_is_readable_through_the_client(sqlite_uri, tmp_pa
     for step in (1, 2, 3):
         sink.log_metrics({m.TRAIN_LM_LOSS: 4.0 - step, m.TIME_TRAIN_S: float(step)}, step)
     sink.log_artifact_text("notes/hello.txt", "hello")
+    sink.log_artifact_bytes("notes/depth.png", b"\x89PNG\x00\xff")
     sink.close()
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.params == {"model.hidden_size": "64"}
     history = client.get_metric_history(run_id, m.TRAIN_LM_LOSS)
     assert [(h.step, h.value) for h in history] == [(1, 3.0), (2, 2.0), (3, 1.0)]
-    assert client.list_artifacts(run_id, "notes")[0].path == "notes/hello.txt"
+    assert [a.path for a in client.list_artifacts(run_id, "notes")] == ["notes/depth.png", "notes/hello.txt"]
+    png = Path(client.download_artifacts(run_id, "notes/depth.png", str(tmp_path)))
+    assert png.read_bytes() == b"\x89PNG\x00\xff"
+
+
+def test_start_tracking_logs_the_training_blend_as_a_dataset_input(tmp_path, sqlite_uri, caplog):
+    from mlflow.tracking import MlflowClient
+
+    prefix = tmp_path / "corpus_text_document"
+    for suffix, size in ((".bin", 40), (".idx", 12)):
+        Path(f"{prefix}{suffix}").write_bytes(b"x" * size)
+    Path(f"{prefix}.meta.json").write_text(json.dumps({"tokenizer_sha256": "ab12", "num_documents": 3,
+                                                       "num_tokens": 20}))
+    cfg = TrackingConfig(tracking_uri=sqlite_uri, experiment="dataset-test", system_metrics=False)
+    config = {**_CONFIG, "data": {"blend": ["1.0", str(prefix)], "split": "98,2,0"}}
+    sink, run_id = start_tracking(cfg, run_dir=tmp_path, config_dict=config, resume_run_id=None,
+                                  is_logging_rank=True)
+    sink.close()
+    (logged,) = MlflowClient(sqlite_uri).get_run(run_id).inputs.dataset_inputs
+    assert logged.dataset.name == "corpus_text_document" and len(logged.dataset.digest) == 16
+    assert [(tag.key, tag.value) for tag in logged.tags] == [("mlflow.data.context", "training")]
+    profile = json.loads(logged.dataset.profile)
+    assert profile["num_tokens"] == 20 and profile["split"] == "98,2,0"
+    assert profile["prefixes"] == [{"prefix": str(prefix.resolve()), "bin_bytes": 40, "idx_bytes": 12,
+                                    "tokenizer_sha256": "ab12", "num_documents": 3, "num_tokens": 20,
+                                    "weight": 1.0}]
+
+    # A blend that cannot be described is a warning, not a failed start.
+    bad = {**_CONFIG, "data": {"blend": ["0.5"]}}
+    with caplog.at_level(logging.WARNING):
+        sink, run_id = start_tracking(cfg, run_dir=tmp_path, config_dict=bad, resume_run_id=None,
+                                      is_logging_rank=True)
+        sink.close()
+    assert MlflowClient(sqlite_uri).get_run(run_id).inputs.dataset_inputs == []
+    assert "dataset inputs are not logged" in caplog.text
 
 
 def test_start_tracking_creates_then_resumes_one_run_with_node_system_metrics(tmp_path, sqlite_uri):
