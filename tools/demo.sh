@@ -42,12 +42,20 @@ if not torch.equal(cached, recomputed):
     sys.exit("demo: generate() with the recursion-wise KV cache differs from use_cache=False decoding")
 print("--- the same tokens as use_cache=False greedy decoding (no KV cache)")
 PYEOF
+# Which tokens got how many recursions (causal routing, as served), from the export's own routing code.
+DEPTH_TEXT='def mean(values):
+    """Average of a list."""
+    return sum(values) / len(values)
+'
+$PY -m mor_megatron.cli.viz depth --model "$RUN/hf" --text "$DEPTH_TEXT" --out "$RUN/depth" \
+  2> "$RUN/depth.stderr.log"
 cat <<SUMMARY
 ================================================================================================
 demo finished
   run directory : $RUN   (config.yaml, metrics.jsonl, logs)
   checkpoints   : $RUN/checkpoints   (rerun the same command to resume)
   HF export     : $RUN/hf   (AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True))
+  depth map     : $RUN/depth/depth.html   (recursions per token; also logged to MLflow at each evaluation)
   MLflow        : .venv/bin/mlflow ui --backend-store-uri sqlite:///$RUN/mlflow.db   -> http://127.0.0.1:5000
 ================================================================================================
 SUMMARY
