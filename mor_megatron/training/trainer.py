@@ -76,8 +76,13 @@ class Trainer:
         # From here on SIGTERM/SIGUSR1 stop training after a step with a checkpoint instead of killing it.
         self.exit_signals = ExitSignals()
         tokenizer = load_tokenizer(cfg.data.tokenizer)
+        # megatron builds (or loads its cached) sample indices here: minutes on a large corpus, said so.
+        self._log_rank0(" building the dataset indices (megatron caches them beside each prefix or in "
+                        "data.cache_dir)")
+        started = time.perf_counter()
         self.train_ds, self.valid_ds, self.test_ds = build_gpt_datasets(
             cfg.data, seq_length=cfg.seq_length, num_samples=num_samples_for(cfg.train), tokenizer=tokenizer)
+        self._log_rank0(f" dataset indices ready in {time.perf_counter() - started:.1f} s")
         self.engine = self.engine_factory(cfg, self.ctx)
         self.depth_map_input = self._depth_map_input(tokenizer)
         resumed = self.engine.resume()
