@@ -12,9 +12,12 @@ LIMIT_MIB=40   # the whole tree that travels is limited to 64 MiB
 PYTHON="${PYTHON:-.venv/bin/python}"
 rm -rf "$OUT"
 mkdir -p "$OUT"
+# matplotlib and its own dependencies: the trainer draws a depth map (PNG) at each evaluation.
 "$PYTHON" -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
-  --python-version 3.12 --platform manylinux_2_28_x86_64 --dest "$OUT" \
-  "megatron-core==$MCORE_VERSION" "pyyaml>=6.0.1" "einops" "psutil>=5.9" "pytest-timeout>=2.3"
+  --python-version 3.12 --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
+  --platform manylinux_2_17_x86_64 --dest "$OUT" \
+  "megatron-core==$MCORE_VERSION" "pyyaml>=6.0.1" "einops" "psutil>=5.9" "pytest-timeout>=2.3" \
+  "matplotlib>=3.11.2" contourpy cycler fonttools kiwisolver pillow pyparsing python-dateutil six
 size_mib=$(du -sm "$OUT" | cut -f1)
 ls -1 "$OUT"
 echo "gpu_wheels: ${size_mib} MiB in $OUT"
