@@ -80,14 +80,6 @@ def resolve_tokenizer(path: str | Path) -> TokenizerSource:
     return TokenizerSource("sentencepiece", model)
 
 
-def resolve_tokenizer_model(path: str | Path) -> Path:
-    """The SentencePiece model file at ``path`` (the file, or ``path/tokenizer.model``)."""
-    source = resolve_tokenizer(path)
-    if source.library != "sentencepiece":
-        raise ValueError(f"{str(path)!r} is a Hugging Face tokenizer folder, not a SentencePiece model")
-    return source.path
-
-
 def tokenizer_vocab_size(path: str | Path) -> int:
     """Number of token ids (added tokens included) of the tokenizer at ``path``, without megatron-core or torch."""
     source = resolve_tokenizer(path)

@@ -96,5 +96,4 @@ class MoRSelfAttention(SelfAttention):
             return outputs
         if session.key is None:
             raise RuntimeError("KV sharing: no keys were recorded at the first recursion for this layer")
-        session.reuse_count += 1
         return (query, session.key, session.value, *rest)

@@ -16,7 +16,7 @@ handed to the recording's graph during the first recursion's backward (:class:`_
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -39,7 +39,6 @@ class KVShareSession:
     key: Tensor | None = None
     value: Tensor | None = None
     queries: ActiveTokens | None = None
-    reuse_count: int = field(default=0)
 
 
 @dataclass
