@@ -89,6 +89,9 @@ class InferComparison:
                              "kv_recursion_kib", "kv_peak_mib")}
 
 
+PAPER_THROUGHPUT_RATIO = 2.06
+"""The paper's headline serving speed-up: MoR-E N_r=4 vs vanilla, continuous depth-wise batching at max batch (§3.3)."""
+
 def random_models(preset_name: str, *, hidden_size: int | None, max_len: int, seed: int):
     """``(MoRForCausalLM, LlamaForCausalLM)`` of a preset (optionally at another width, head dim 64), random
     weights, eval mode. Raises ConfigError (a ValueError) for an unknown preset or a rejected width."""
@@ -289,7 +292,8 @@ def report(comparison: InferComparison, *, as_json: bool) -> str:
         *rows,
         f"MoR mixed-depth passes {c.mor.mixed_depth_fraction:.0%}; recursions per token under the training "
         f"capacities: {s['capacity_recursions']}",
-        f"ratio MoR/vanilla: tokens/s {ratios['tokens_per_s']:.3f}   decode tokens/s "
+        f"ratio MoR/vanilla: tokens/s {ratios['tokens_per_s']:.3f} (paper, MoR-E N_r=4 at max batch on a GPU: "
+        f"{PAPER_THROUGHPUT_RATIO}x)   decode tokens/s "
         f"{ratios['decode_tokens_per_s']:.3f}   tokens per CPU second {ratios['cpu_tokens_per_s']:.3f}",
         f"KV bytes in use MoR/vanilla: per request {ratios['kv_request_kib']:.3f}   recursion block "
         f"{ratios['kv_recursion_kib']:.3f} (paper (R+1)/(2R) = {s['paper_kv_ratio']})   peak "
