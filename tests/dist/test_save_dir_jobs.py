@@ -29,9 +29,11 @@ _GONE_WITHIN_S = 15
 
 
 def _overrides(tiny_data, save_dir: Path, output_dir: Path) -> list[str]:
-    return [*tiny_data.overrides(), "train.train_steps=100000", "train.seq_length=64", "train.micro_batch_size=2",
-            "train.global_batch_size=2", "train.eval_steps=0", "train.log_interval=1", "optim.warmup_steps=1",
-            "tracking.enabled=false", "checkpoint.save_interval=1", "checkpoint.keep_last=1",
+    # Width 512: checkpoints of ~80 MB keep megatron's forked writers alive ~0.1 s, long enough to be caught; the
+    # tiny default's writers finish in ~10 ms on an idle machine.
+    return [*tiny_data.overrides(), "model.hidden_size=512", "train.train_steps=100000", "train.seq_length=64",
+            "train.micro_batch_size=2", "train.global_batch_size=2", "train.eval_steps=0", "train.log_interval=1",
+            "optim.warmup_steps=1", "tracking.enabled=false", "checkpoint.save_interval=1", "checkpoint.keep_last=1",
             f"checkpoint.save_dir={save_dir}", f"output_dir={output_dir}"]
 
 
@@ -68,12 +70,12 @@ def _forked_writers(worker: psutil.Process) -> list[psutil.Process]:
 
 
 def _writers_past_their_start(worker: psutil.Process) -> list[psutil.Process]:
-    """Writers still running a moment after they were seen: by then each has run its fork hooks (a writer
-    stopped before them would test the stop, not the hooks)."""
+    """Writers still running a moment after they were seen: by then each has run its fork hooks, which run in
+    the child right after the fork (a writer stopped before them would test the stop, not the hooks)."""
     writers = _forked_writers(worker)
     if not writers:
         return []
-    time.sleep(0.1)
+    time.sleep(0.02)
     return [writer for writer in writers if _alive(writer)]
 
 
