@@ -52,8 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     to_hf.add_argument("checkpoint", metavar="CKPT", help="a step_XXXXXXXX folder, or a checkpoint.save_dir "
                        "(its 'latest' step is used)")
     to_hf.add_argument("output", metavar="OUT", help="folder to write (must be empty or new)")
-    to_hf.add_argument("--tokenizer", metavar="PATH", help="SentencePiece model or its folder (default: the "
-                       "data.tokenizer stored in the checkpoint's config)")
+    to_hf.add_argument("--tokenizer", metavar="PATH", help="SentencePiece model (or its folder) or Hugging Face "
+                       "tokenizer folder (default: the data.tokenizer stored in the checkpoint's config)")
     to_hf.add_argument("--no-tokenizer", action="store_true", help="write no tokenizer files")
     to_hf.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                        help="weight dtype (default: the checkpoint's)")

@@ -97,7 +97,8 @@ def _parser() -> argparse.ArgumentParser:
                                      description="Tokenize documents (EOD appended to each) into "
                                      "PREFIX.bin/.idx with megatron-core's IndexedDatasetBuilder.")
     _add_input_args(preprocess)
-    preprocess.add_argument("--tokenizer", required=True, help="tokenizer.model or its directory")
+    preprocess.add_argument("--tokenizer", required=True,
+                            help="SentencePiece tokenizer.model (or its directory) or a Hugging Face tokenizer folder")
     preprocess.add_argument("--output-prefix", required=True, metavar="PREFIX",
                             help="writes PREFIX.bin, PREFIX.idx and PREFIX.meta.json; use it in data.blend")
     preprocess.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),

@@ -241,7 +241,8 @@ def build_gpt_datasets(data: DataConfig, *, seq_length: int, num_samples: tuple[
             _check_split_documents(prefix, data.split)
         sources = dict(blend=blends["data.blend"], split=data.split)
     config = GPTDatasetConfig(
-        random_seed=data.seed, sequence_length=seq_length, **sources, tokenizer=tokenizer, path_to_cache=data.cache_dir, reset_position_ids=data.reset_position_ids,
+        random_seed=data.seed, sequence_length=seq_length, **sources, tokenizer=tokenizer,
+        path_to_cache=data.cache_dir, reset_position_ids=data.reset_position_ids,
         reset_attention_mask=data.reset_attention_mask, eod_mask_loss=data.eod_mask_loss,
         create_attention_mask=data.reset_attention_mask)
     builder = _builder_class()(GPTDataset, list(num_samples), is_built_on_rank or (lambda: True), config)
