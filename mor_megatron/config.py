@@ -76,12 +76,11 @@ class ModelConfig:
                      "ffn_hidden_size", "vocab_size", "max_seq_length"):
             value = getattr(self, name)
             _require(isinstance(value, int) and value > 0, f"model.{name} must be a positive integer, got {value!r}")
-        _require(self.hidden_size % self.num_attention_heads == 0,
-                 f"model.hidden_size={self.hidden_size} must be divisible by "
-                 f"model.num_attention_heads={self.num_attention_heads}")
-        _require(self.num_attention_heads % self.num_query_groups == 0,
-                 f"model.num_attention_heads={self.num_attention_heads} must be divisible by "
-                 f"model.num_query_groups={self.num_query_groups}")
+        for whole, part in (("hidden_size", "num_attention_heads"),
+                            ("num_attention_heads", "num_query_groups")):
+            whole_value, part_value = getattr(self, whole), getattr(self, part)
+            _require(whole_value % part_value == 0,
+                     f"model.{whole}={whole_value} must be divisible by model.{part}={part_value}")
         for name in ("hidden_dropout", "attention_dropout"):
             _require(0.0 <= getattr(self, name) < 1.0, f"model.{name} must be in [0, 1), got {getattr(self, name)}")
 
@@ -550,20 +549,19 @@ def _coerce(value: Any, annotation: Any, path: str) -> Any:
 
 
 def _build(cls: type, values: dict[str, Any], path: str) -> Any:
-    hints = _field_types(cls)
+    hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
+    prefix = f"{path}." if path else ""
     for key in values:
         if key not in names:
-            dotted = f"{path}.{key}" if path else key
             close = difflib.get_close_matches(key, names, n=1)
-            hint = f"; did you mean {(path + '.' if path else '') + close[0]!r}?" if close else \
-                f"; valid keys: {', '.join(names)}"
-            raise ConfigError(f"unknown config key {dotted!r}{hint}")
-    kwargs = {key: _coerce(value, hints[key], f"{path}.{key}" if path else key) for key, value in values.items()}
+            hint = f"; did you mean {prefix + close[0]!r}?" if close else f"; valid keys: {', '.join(names)}"
+            raise ConfigError(f"unknown config key {prefix + key!r}{hint}")
+    kwargs = {key: _coerce(value, hints[key], prefix + key) for key, value in values.items()}
     missing = [f.name for f in dataclasses.fields(cls)
                if f.name not in kwargs and f.default is dataclasses.MISSING
                and f.default_factory is dataclasses.MISSING]
-    _require(not missing, f"missing required config keys: {', '.join((path + '.' if path else '') + m for m in missing)}")
+    _require(not missing, f"missing required config keys: {', '.join(prefix + m for m in missing)}")
     return cls(**kwargs)
 
 
@@ -583,18 +581,14 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     for item in overrides:
         key, sep, raw = item.partition("=")
         _require(bool(sep) and bool(key.strip()), f"override {item!r} must look like section.key=value")
-        _set_dotted(tree, key.strip(), _parse_override_value(item, raw))
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({_yaml_problem(err)}); "
+                              "quote strings with special characters (key='\"a: b\"') and close every "
+                              "bracket") from err
+        _set_dotted(tree, key.strip(), value)
     return tree
-
-
-def _parse_override_value(item: str, raw: str) -> Any:
-    if not raw.strip():
-        return ""
-    try:
-        return yaml.safe_load(raw)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"override {item!r}: the value is not valid YAML ({_yaml_problem(err)}); quote "
-                          "strings with special characters (key='\"a: b\"') and close every bracket") from err
 
 
 def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
@@ -639,11 +633,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         path = Path(path)
         _require(path.is_file(), f"config file {str(path)!r} does not exist")
-        loaded = _read_yaml_file(path) or {}
-        _require(isinstance(loaded, dict), f"config file {str(path)!r} must hold a mapping at the top level")
-        values = loaded
-    values = _merge(values, parse_overrides(overrides or []))
-    return config_from_dict(values)
+        values = _read_yaml_file(path) or {}
+        _require(isinstance(values, dict), f"config file {str(path)!r} must hold a mapping at the top level")
+    return config_from_dict(_merge(values, parse_overrides(overrides or [])))
 
 
 def _read_yaml_file(path: Path) -> Any:
@@ -695,18 +687,13 @@ def dump_config(config: JobConfig) -> str:
 def validate(config: JobConfig, world_size: int | None = None) -> None:
     """Check rules that span sections. ``world_size`` (when known) checks the parallel layout too."""
     model, rec, par, train = config.model, config.recursion, config.parallel, config.train
-    layer_layout(model, rec)
-    tp = par.tensor_parallel_size
-    _require(model.num_attention_heads % tp == 0,
-             f"model.num_attention_heads={model.num_attention_heads} is not divisible by "
-             f"parallel.tensor_parallel_size={tp}")
-    _require(model.num_query_groups % tp == 0,
-             f"model.num_query_groups={model.num_query_groups} is not divisible by parallel.tensor_parallel_size={tp}")
-    _require(model.ffn_hidden_size % tp == 0,
-             f"model.ffn_hidden_size={model.ffn_hidden_size} is not divisible by parallel.tensor_parallel_size={tp}")
-    pp = par.pipeline_parallel_size
+    layout = layer_layout(model, rec)
+    tp, pp = par.tensor_parallel_size, par.pipeline_parallel_size
+    for name in ("num_attention_heads", "num_query_groups", "ffn_hidden_size"):
+        value = getattr(model, name)
+        _require(value % tp == 0,
+                 f"model.{name}={value} is not divisible by parallel.tensor_parallel_size={tp}")
     if pp > 1:
-        layout = layer_layout(model, rec)
         _require(layout.num_shared % pp == 0,
                  f"the shared block has {layout.num_shared} layers, which parallel.pipeline_parallel_size={pp} "
                  "cannot split evenly (each pipeline rank holds one slice of it); change model.num_layers or the "
@@ -721,15 +708,12 @@ def validate(config: JobConfig, world_size: int | None = None) -> None:
              f"optim.warmup_steps={config.optim.warmup_steps} must be smaller than train.train_steps="
              f"{train.train_steps}")
     if rec.routing == "expert_choice":
-        smallest = min(rec.effective_capacities)
-        _require(int(smallest * config.seq_length) >= 1,
+        _require(int(min(rec.effective_capacities) * config.seq_length) >= 1,
                  f"recursion.capacities select no token at the last recursion for seq_length={config.seq_length}")
     if world_size is not None:
-        model_parallel = tp * par.pipeline_parallel_size
-        _require(world_size % model_parallel == 0,
-                 f"world size {world_size} is not divisible by parallel.tensor_parallel_size={tp} x "
-                 f"parallel.pipeline_parallel_size={par.pipeline_parallel_size}")
-        dp = world_size // model_parallel
+        _require(world_size % (tp * pp) == 0, f"world size {world_size} is not divisible by "
+                 f"parallel.tensor_parallel_size={tp} x parallel.pipeline_parallel_size={pp}")
+        dp = world_size // (tp * pp)
         num_microbatches = train.global_batch_size // max(1, train.micro_batch_size * dp)
         _require(pp == 1 or rec.num_recursions == 1 or num_microbatches % pp == 0,
                  f"the interleaved pipeline schedule (one virtual stage per recursion) needs the number of "
@@ -737,5 +721,5 @@ def validate(config: JobConfig, world_size: int | None = None) -> None:
                  f"multiple of parallel.pipeline_parallel_size={pp}")
         _require(train.global_batch_size % (train.micro_batch_size * dp) == 0,
                  f"train.global_batch_size={train.global_batch_size} is not divisible by train.micro_batch_size="
-                 f"{train.micro_batch_size} x data-parallel size {dp} (world {world_size} / tp {tp} / pp "
-                 f"{par.pipeline_parallel_size})")
+                 f"{train.micro_batch_size} x data-parallel size {dp} (world {world_size} / tp {tp} / "
+                 f"pp {pp})")

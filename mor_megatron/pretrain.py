@@ -20,7 +20,6 @@ from mor_megatron.config import ConfigError, JobConfig, dump_config, load_config
 from mor_megatron.cli.quiet import silence_known_warnings
 
 if TYPE_CHECKING:
-    from mor_megatron.data.index_check import IndexedDatasetSummary
     from mor_megatron.training.trainer import EngineFactory
 
 
@@ -43,24 +42,6 @@ def parse_command_line(parser: argparse.ArgumentParser, argv: list[str] | None) 
     return parser.parse_intermixed_args(argv)
 
 
-def config_from_command_line(args: argparse.Namespace) -> JobConfig:
-    """The config file, then the Megatron-LM flags, then the dotted overrides (the last word wins)."""
-    return load_config(args.config, megatron_flag_overrides(args) + args.overrides)
-
-
-def print_config(config: JobConfig) -> None:
-    """``--print-config``: the config as YAML, after the rules that hold at any world size."""
-    validate(config)
-    print(dump_config(config), end="")
-
-
-def print_check_report(prog: str, checked: str, summaries: list[IndexedDatasetSummary]) -> None:
-    """``--check`` succeeded: one line, then one line per dataset prefix (sizes, token ids checked or sampled)."""
-    print(f"{prog}: {checked} OK")
-    for summary in summaries:
-        print(f"  {summary.describe()}")
-
-
 def launcher_world_size() -> int:
     """World size from torchrun / the DeepSpeed launcher / srun, read without importing torch."""
     return int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
@@ -72,9 +53,11 @@ def check_then_run(prog: str, args: argparse.Namespace, checked: str, engine_fac
     data before any process group exists (exit 2 with one line on an error), ``--print-config`` / ``--check``,
     else the job on ``engine_factory()``'s engine (imported only then: the checks stay light)."""
     try:
-        config = config_from_command_line(args)
-        if args.print_config:
-            print_config(config)
+        # The config file, then the Megatron-LM flags, then the dotted overrides (the last word wins).
+        config = load_config(args.config, megatron_flag_overrides(args) + args.overrides)
+        if args.print_config:  # after the rules that hold at any world size
+            validate(config)
+            print(dump_config(config), end="")
             return 0
         validate(config, world_size=launcher_world_size())
         if extra_check is not None:
@@ -85,8 +68,10 @@ def check_then_run(prog: str, args: argparse.Namespace, checked: str, engine_fac
     except ConfigError as err:
         print(f"{prog}: config error: {err}", file=sys.stderr)
         return 2
-    if args.check:
-        print_check_report(prog, checked, data_summaries)
+    if args.check:  # one line, then one per dataset prefix (sizes, token ids checked or sampled)
+        print(f"{prog}: {checked} OK")
+        for summary in data_summaries:
+            print(f"  {summary.describe()}")
         return 0
     return run_job(prog, config, engine_factory())
 

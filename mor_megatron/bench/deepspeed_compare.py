@@ -113,16 +113,11 @@ def _tensor_state_bytes() -> int:
     return sum(storages.values())
 
 
-def _resident_bytes() -> int:
-    import psutil
-
-    return psutil.Process().memory_info().rss
-
-
 def _measure(rank: int, world_size: int, args: argparse.Namespace, variant: str, output_dir: str) -> dict:
     """One rank of one variant (runs in a fresh process with the process group set up)."""
     import resource
 
+    import psutil
     import torch
     import torch.distributed as dist
 
@@ -135,7 +130,7 @@ def _measure(rank: int, world_size: int, args: argparse.Namespace, variant: str,
 
     import_deepspeed(ctx.device, ctx.local_rank)  # every variant pays DeepSpeed's import before the baseline
     cuda = ctx.device.type == "cuda"
-    baseline = 0 if cuda else _resident_bytes()
+    baseline = 0 if cuda else psutil.Process().memory_info().rss
     if cuda:
         torch.cuda.reset_peak_memory_stats(ctx.device)
     engine = (MegatronEngine if variant == "megatron" else DeepSpeedEngine)(config, ctx)

@@ -213,16 +213,10 @@ def make_requests(num_requests: int, *, vocab_size: int, prompt_min: int, prompt
                     max_new_tokens=int(g)) for n, g in zip(lengths, gen.tolist())]
 
 
-def _timed(engine, requests: list[Request]) -> tuple[EngineResult, float]:
-    cpu = time.process_time()
-    result = engine.run(requests)
-    return result, time.process_time() - cpu
-
-
-def _measure(engine, runs: list[tuple[EngineResult, float]],
-             recursion_share: float | None) -> EngineMeasure:
-    """Medians of ``runs``; ``recursion_share``: the share of the recursion block in the bytes a vanilla
-    sequence holds (vanilla layers all cache the same tokens), None for MoR (measured)."""
+def _measure(runs: list[tuple[EngineResult, float]], recursion_share: float | None) -> EngineMeasure:
+    """Medians of ``runs`` (result and CPU seconds of each); ``recursion_share``: the share of the recursion
+    block in the bytes a vanilla sequence holds (vanilla layers all cache the same tokens), None for MoR
+    (measured)."""
     stats = [r.stats for r, _ in runs]
     result = runs[-1][0]
     fed = [d for c in result.completions for d in c.token_depths[len(c.prompt):]]
@@ -262,9 +256,10 @@ def compare_inference(mor_model, vanilla_model, requests: list[Request], *, batc
     for repeat in range(repeats):
         order = ("mor", "vanilla") if repeat % 2 == 0 else ("vanilla", "mor")
         for name in order:
-            runs[name].append(_timed(engines[name], requests))
-    return (_measure(engines["mor"], runs["mor"], None),
-            _measure(engines["vanilla"], runs["vanilla"], recursion_layers / vanilla_stack.num_shared))
+            cpu = time.process_time()
+            result = engines[name].run(requests)
+            runs[name].append((result, time.process_time() - cpu))
+    return _measure(runs["mor"], None), _measure(runs["vanilla"], recursion_layers / vanilla_stack.num_shared)
 
 
 def report(comparison: InferComparison, *, as_json: bool) -> str:

@@ -44,7 +44,6 @@ def file_fingerprint(path: Path) -> dict[str, Any]:
 
 
 def _checkpoint_files(step_dir: Path) -> list[str]:
-    """Every file under ``step_dir`` except the manifest, as sorted relative POSIX paths."""
     return sorted(path.relative_to(step_dir).as_posix() for path in step_dir.rglob("*")
                   if path.is_file() and path.name != MANIFEST_FILE)
 

@@ -16,6 +16,7 @@ then says which file to delete once that job is known to be dead.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import logging
 import os
@@ -52,13 +53,11 @@ class LockHolder:
 
     @classmethod
     def this_process(cls) -> LockHolder:
-        """The current process as a lock holder."""
         return cls(host=socket.gethostname(), pid=os.getpid(),
                    started=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                    process_start_time=psutil.Process().create_time(), slurm_job_id=os.environ.get("SLURM_JOB_ID"))
 
     def describe(self) -> str:
-        """``host <h>, pid <p>, started <t>`` (plus the Slurm job id when there is one)."""
         slurm = f", Slurm job {self.slurm_job_id}" if self.slurm_job_id else ""
         return f"host {self.host}, pid {self.pid}, started {self.started}{slurm}"
 
@@ -135,11 +134,9 @@ class SaveDirLock:
         """Remove the lock file if this process still holds it (idempotent)."""
         if self.holder is None:
             return
-        try:
+        with contextlib.suppress(FileNotFoundError):
             if self._read_holder() == self.holder:
                 self.path.unlink()
-        except FileNotFoundError:
-            pass
         self.holder = None
         atexit.unregister(self.release)
 

@@ -20,12 +20,10 @@ import os
 import sys
 
 from mor_megatron.cli.quiet import silence_known_warnings
+from mor_megatron.config import ParallelConfig, preset
 
 
 def _model(args: argparse.Namespace) -> str:
-    from mor_megatron.config import ParallelConfig, preset
-
-    preset(args.preset)  # a bad name fails here, before torch and megatron-core are imported
     from mor_megatron.bench.model_step import DTYPES, compare, report
     from mor_megatron.runtime import destroy_distributed, init_distributed
 
@@ -40,9 +38,6 @@ def _model(args: argparse.Namespace) -> str:
 
 
 def _train(args: argparse.Namespace) -> str:
-    from mor_megatron.config import ParallelConfig, preset
-
-    preset(args.preset)  # a bad name fails here, before torch and megatron-core are imported
     from mor_megatron.bench.model_step import DTYPES
     from mor_megatron.bench.train_compare import compare_training, report
     from mor_megatron.runtime import destroy_distributed, init_distributed
@@ -66,9 +61,9 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _add_size_args(parser: argparse.ArgumentParser, preset: str) -> None:
-    parser.add_argument("--preset", default=preset, help=f"MoR preset (default {preset}); the baseline is "
-                        "the vanilla model of the same unrolled depth")
+def _add_size_args(parser: argparse.ArgumentParser, default_preset: str) -> None:
+    parser.add_argument("--preset", default=default_preset, help=f"MoR preset (default {default_preset}); "
+                        "the baseline is the vanilla model of the same unrolled depth")
     parser.add_argument("--hidden-size", type=_positive_int, default=256,
                         help="override the preset's width (CPU-sized default 256; head dim 64)")
     parser.add_argument("--seq-length", type=_positive_int, default=512)
@@ -120,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1))))
     try:
+        preset(args.preset)  # a bad name fails here, before torch and megatron-core are imported
         print(args.run(args))
     except ValueError as err:  # ConfigError is a ValueError: unknown preset, width the model rejects
         print(f"mor-bench {args.command}: error: {err}", file=sys.stderr)

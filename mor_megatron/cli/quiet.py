@@ -24,12 +24,12 @@ _KNOWN_WARNINGS = (
     # it has no pad token, see data/tokenizer.py) must not mask the EOD tokens' loss.
     (r"The pad token id in the tokenizer collides with another special token id", r"megatron\.core"),
 )
-# Log records (logger name, message prefix) that only announce defaults or the machine.
-_KNOWN_LOG_RECORDS = (
-    ("megatron.core.rerun_state_machine", "RerunStateMachine initialized in mode RerunMode.DISABLED"),
-    ("megatron.core.rerun_state_machine", "Implicit initialization of Rerun State Machine!"),
-    ("torch.utils.cpp_extension", "No CUDA runtime is found"),
-)
+# Log records (logger name: message prefixes) that only announce defaults or the machine.
+_KNOWN_LOG_RECORDS: dict[str, tuple[str, ...]] = {
+    "megatron.core.rerun_state_machine": ("RerunStateMachine initialized in mode RerunMode.DISABLED",
+                                          "Implicit initialization of Rerun State Machine!"),
+    "torch.utils.cpp_extension": ("No CUDA runtime is found",),
+}
 
 
 class _DropKnownRecords(logging.Filter):
@@ -45,10 +45,7 @@ def silence_known_warnings() -> None:
     """Filter the known messages in this process (idempotent; call before importing megatron-core)."""
     for message, module in _KNOWN_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=UserWarning, module=module)
-    by_logger: dict[str, tuple[str, ...]] = {}
-    for name, prefix in _KNOWN_LOG_RECORDS:
-        by_logger[name] = (*by_logger.get(name, ()), prefix)
-    for name, prefixes in by_logger.items():
+    for name, prefixes in _KNOWN_LOG_RECORDS.items():
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropKnownRecords) for f in logger.filters):
             logger.addFilter(_DropKnownRecords(prefixes))

@@ -12,8 +12,6 @@ from pathlib import Path
 
 from mor_megatron.cli.quiet import silence_known_warnings
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -33,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="KV blocks of --block-size tokens in the pool (default: the worst case, which "
                              "never runs out); a request that finds the pool full fails with status 503")
     parser.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default 16)")
-    parser.add_argument("--dtype", choices=DTYPES, default="auto",
+    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                         help="weights and KV cache (auto: bfloat16 on a GPU, float32 on the CPU)")
     parser.add_argument("--model-name", default=None,
                         help="the model id the API reports (default: the folder's name)")

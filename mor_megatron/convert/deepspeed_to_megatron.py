@@ -32,6 +32,8 @@ import torch
 from mor_megatron.convert import ConversionError
 from mor_megatron.convert.output_guard import refuse_output_overlapping_checkpoint
 from mor_megatron.checkpoint.deepspeed import read_meta, resolve_step_dir
+from mor_megatron.checkpoint.errors import CheckpointError
+from mor_megatron.checkpoint.layout import step_dir_name
 
 _BF16_WRAPPER_PREFIX = "module."  # Float16Module around the model when the job trained in bf16
 
@@ -72,7 +74,6 @@ def _convert_rank(rank: int, world_size: int, step_dir: str, out_dir: str, rende
     from mor_megatron.config import config_from_dict
     from mor_megatron.model.builder import build_model, transformer_config
     from mor_megatron.runtime import destroy_distributed, init_distributed
-    from mor_megatron.checkpoint.errors import CheckpointError
     from mor_megatron.checkpoint.loop_state import LoopState
     from mor_megatron.checkpoint.megatron import Checkpointer
 
@@ -116,8 +117,6 @@ def convert(ds_checkpoint: str | Path, out_dir: str | Path) -> Path:
             is or contains its run folder.
         RuntimeError: a conversion process failed.
     """
-    from mor_megatron.checkpoint.layout import step_dir_name
-
     step_dir = resolve_step_dir(ds_checkpoint)
     refuse_output_overlapping_checkpoint(out_dir, step_dir)
     meta = read_meta(step_dir)
@@ -150,8 +149,6 @@ def _spawn(world_size: int, step_dir: str, out_dir: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Command line: ``DS_CKPT OUT_DIR``; prints the new step folder. Exit status 2 on a bad checkpoint."""
-    from mor_megatron.checkpoint.errors import CheckpointError
-
     parser = argparse.ArgumentParser(prog="deepspeed-to-megatron", description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", metavar="DS_CKPT",
                         help="DeepSpeed checkpoint.save_dir (its latest step) or one step_XXXXXXXX folder")

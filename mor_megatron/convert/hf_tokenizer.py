@@ -43,14 +43,6 @@ def _special_pieces(processor) -> dict[str, str]:
     return pieces
 
 
-def _normalizer_spec(model_path: Path):
-    from transformers.convert_slow_tokenizer import import_protobuf
-
-    proto = import_protobuf().ModelProto()
-    proto.ParseFromString(model_path.read_bytes())
-    return proto
-
-
 def build_tokenizer_json(model_path: Path):
     """A ``tokenizers.Tokenizer`` equivalent to the SentencePiece BPE model at ``model_path``.
 
@@ -60,9 +52,11 @@ def build_tokenizer_json(model_path: Path):
     import sentencepiece
     from tokenizers import AddedToken, Tokenizer, decoders, normalizers
     from tokenizers.models import BPE
+    from transformers.convert_slow_tokenizer import import_protobuf
     from transformers.tokenization_utils_sentencepiece import SentencePieceExtractor
 
-    proto = _normalizer_spec(model_path)
+    proto = import_protobuf().ModelProto()
+    proto.ParseFromString(model_path.read_bytes())
     if proto.trainer_spec.model_type != proto.trainer_spec.BPE:
         raise ConversionError(f"tokenizer {str(model_path)!r} is not a SentencePiece BPE model; export it "
                               "yourself and pass --no-tokenizer")

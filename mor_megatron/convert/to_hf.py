@@ -49,7 +49,6 @@ class ExportSummary:
 
 
 def attention_shape(config: JobConfig) -> AttentionShape:
-    """Head layout of the model in ``config``."""
     model = config.model
     return AttentionShape(num_heads=model.num_attention_heads, num_query_groups=model.num_query_groups,
                           head_dim=model.head_dim)
@@ -172,21 +171,6 @@ def write_safetensors(tensors: dict[str, torch.Tensor], output_dir: Path,
     return sorted(split.filename_to_tensors)
 
 
-def _check_output(output_dir: Path, step_dir: Path, overwrite: bool) -> None:
-    """Before anything is read: the output is outside the checkpoint's folders, and empty or replaceable."""
-    refuse_output_overlapping_checkpoint(output_dir, step_dir)
-    if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
-        raise ConversionError(f"output folder {str(output_dir)!r} is not empty; choose a new folder or "
-                              "pass --overwrite")
-
-
-def _prepare_output(output_dir: Path) -> None:
-    """Replace ``output_dir`` by an empty folder (only after the checkpoint was read and checked)."""
-    if output_dir.exists():
-        shutil.rmtree(output_dir)
-    output_dir.mkdir(parents=True)
-
-
 def _resolve_tokenizer(checkpoint: MegatronCheckpoint, tokenizer: str | Path | None,
                        include_tokenizer: bool) -> Path | None:
     """The tokenizer to export (and take the special ids from); None when there is none to read.
@@ -228,7 +212,11 @@ def to_hf(checkpoint: str | Path, output_dir: str | Path, *, tokenizer: str | Pa
     """
     output_dir = Path(output_dir)
     step_dir = resolve_step_dir(checkpoint)
-    _check_output(output_dir, step_dir, overwrite)
+    # Before anything is read: the output is outside the checkpoint's folders, and empty or replaceable.
+    refuse_output_overlapping_checkpoint(output_dir, step_dir)
+    if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
+        raise ConversionError(f"output folder {str(output_dir)!r} is not empty; choose a new folder or "
+                              "pass --overwrite")
     ckpt = read_checkpoint(step_dir)
     check_tensors(ckpt.tensors, ckpt.config, f"checkpoint {str(ckpt.path)!r}")
     if dtype is not None and dtype not in DTYPES:
@@ -240,7 +228,9 @@ def to_hf(checkpoint: str | Path, output_dir: str | Path, *, tokenizer: str | Pa
     # depth_bias stays fp32 (as trained): its small loss-free steps would round away in bf16.
     hf_tensors = {name: t if name.endswith("depth_bias") else t.to(target_dtype)
                   for name, t in hf_tensors.items()}
-    _prepare_output(output_dir)
+    if output_dir.exists():  # replaced only now, after the checkpoint was read and checked
+        shutil.rmtree(output_dir)
+    output_dir.mkdir(parents=True)
     config = hf_config(ckpt.config, target_dtype, special)
     config.save_pretrained(str(output_dir))
     if not is_vanilla(ckpt.config):

@@ -133,9 +133,6 @@ class EngineStats:
     decode_step_tokens: int = 0
     mixed_depth_steps: int = 0
     """Depth-wise: shared-block passes whose tokens were at more than one depth."""
-    exit_steps: int = 0
-    """Depth-wise: passes of exited tokens through suffix, norm and LM head."""
-    exit_step_tokens: int = 0
     kv_reserved_bytes: int = 0
     """Bytes of the KV block pool (every block, used or not)."""
     kv_peak_bytes: int = 0
@@ -588,6 +585,4 @@ class DepthWiseEngine(_Engine):
         index = torch.tensor(slots, dtype=torch.long, device=self.stack.device)
         for slot, ran in zip(slots, self.depth[index].tolist()):
             self.slots[slot].token_depths.append(ran)
-        self.stats.exit_steps += 1
-        self.stats.exit_step_tokens += len(slots)
         return self._finish_tokens(slots, self.hidden[index])

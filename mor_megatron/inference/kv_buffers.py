@@ -88,7 +88,6 @@ class BlockPool:
         return ids
 
     def release(self, ids: list[int]) -> None:
-        """Give blocks back."""
         self._free.extend(reversed(ids))
 
     def reset_peak(self) -> None:

@@ -63,32 +63,23 @@ class ModelStack:
     @classmethod
     def from_model(cls, model: nn.Module) -> ModelStack:
         """View of a loaded ``MoRForCausalLM`` or ``LlamaForCausalLM``; ValueError for anything else."""
-        config = model.config
-        model_type = getattr(config, "model_type", None)
+        c = model.config
+        model_type = getattr(c, "model_type", None)
+        if model_type not in ("mor", "llama"):
+            raise ValueError("the serving engine runs MoR models (config.model_type 'mor') and vanilla Llama "
+                             f"models ('llama'), got config.model_type={model_type!r}")
+        common = dict(embed=model.model.embed_tokens, layers=model.model.layers, norm=model.model.norm,
+                      lm_head=model.lm_head, num_heads=c.num_attention_heads,
+                      num_kv_heads=c.num_key_value_heads)
         if model_type == "mor":
-            return cls._from_mor(model)
-        if model_type == "llama":
-            return cls._from_llama(model)
-        raise ValueError("the serving engine runs MoR models (config.model_type 'mor') and vanilla Llama "
-                         f"models ('llama'), got config.model_type={model_type!r}")
-
-    @classmethod
-    def _from_mor(cls, model: nn.Module) -> ModelStack:
-        c = model.config
-        return cls(embed=model.model.embed_tokens, layers=model.model.layers, norm=model.model.norm,
-                   lm_head=model.lm_head, router=model.model.router, num_prefix=c.num_prefix_layers,
-                   num_shared=c.num_shared_layers, num_suffix=c.num_suffix_layers,
-                   num_recursions=c.num_recursions,
-                   recursion_layers=tuple(tuple(c.recursion_layers(r)) for r in range(c.num_recursions)),
-                   routing=c.routing, kv_mode=c.kv_mode,
-                   capacities=tuple(c.capacities) if c.capacities is not None else None,
-                   router_alpha=float(c.router_alpha), token_balancing=c.token_balancing,
-                   num_heads=c.num_attention_heads, num_kv_heads=c.num_key_value_heads, head_dim=c.head_dim,
-                   rope_theta=float(c.rope_theta))
-
-    @classmethod
-    def _from_llama(cls, model: nn.Module) -> ModelStack:
-        c = model.config
+            return cls(router=model.model.router, num_prefix=c.num_prefix_layers,
+                       num_shared=c.num_shared_layers, num_suffix=c.num_suffix_layers,
+                       num_recursions=c.num_recursions,
+                       recursion_layers=tuple(tuple(c.recursion_layers(r)) for r in range(c.num_recursions)),
+                       routing=c.routing, kv_mode=c.kv_mode,
+                       capacities=tuple(c.capacities) if c.capacities is not None else None,
+                       router_alpha=float(c.router_alpha), token_balancing=c.token_balancing,
+                       head_dim=c.head_dim, rope_theta=float(c.rope_theta), **common)
         rope = getattr(c, "rope_parameters", None) or {"rope_type": "default", "rope_theta": 10000.0}
         if rope.get("rope_type", "default") != "default":
             raise ValueError(f"LlamaConfig.rope_parameters={rope}: the engine implements only rope_type "
@@ -99,12 +90,10 @@ class ModelStack:
                              f"mlp_bias={c.mlp_bias}")
         depth = c.num_hidden_layers
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-        return cls(embed=model.model.embed_tokens, layers=model.model.layers, norm=model.model.norm,
-                   lm_head=model.lm_head, router=None, num_prefix=0, num_shared=depth, num_suffix=0,
-                   num_recursions=1, recursion_layers=(tuple(range(depth)),), routing="none",
-                   kv_mode="recursion_wise", capacities=None, router_alpha=1.0, token_balancing="loss",
-                   num_heads=c.num_attention_heads, num_kv_heads=c.num_key_value_heads, head_dim=head_dim,
-                   rope_theta=float(rope["rope_theta"]))
+        return cls(router=None, num_prefix=0, num_shared=depth, num_suffix=0, num_recursions=1,
+                   recursion_layers=(tuple(range(depth)),), routing="none", kv_mode="recursion_wise",
+                   capacities=None, router_alpha=1.0, token_balancing="loss", head_dim=head_dim,
+                   rope_theta=float(rope["rope_theta"]), **common)
 
     @property
     def dtype(self) -> torch.dtype:

@@ -76,7 +76,6 @@ MODEL_PARAMS_TOTAL = "model/params_per_tp_rank/total"
 """Parameters of one TP rank's slice of the model, each counted once (a tied embedding that the first and the
 last pipeline stage both hold counts once; logged once, as a run parameter)."""
 
-ROUTER_PREFIX = "router/"
 MEMORY_KEYS = (MEM_PEAK_ALLOCATED_GIB, MEM_PEAK_RESERVED_GIB, MEM_PEAK_RSS_GIB)
 STATIC_KEYS = (
     TRAIN_LM_LOSS, TRAIN_TOKENS_CONSUMED, TRAIN_FLOPS_CONSUMED, OPTIM_LR, OPTIM_GRAD_NORM,
@@ -144,12 +143,8 @@ PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
 
 def peak_flops_per_device(device_name: str | None) -> float | None:
     """Peak dense bf16 FLOP/s for a device name like ``"NVIDIA H100 80GB HBM3"``; None if unknown or CPU."""
-    if device_name is None:
-        return None
-    for pattern, flops in PEAK_BF16_FLOPS:
-        if pattern in device_name:
-            return flops
-    return None
+    matches = (flops for pattern, flops in PEAK_BF16_FLOPS if pattern in (device_name or ""))
+    return next(matches, None)
 
 
 def tokens_per_second(num_tokens: float, seconds: float) -> float:

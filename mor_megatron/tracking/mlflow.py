@@ -77,18 +77,14 @@ def _shorten(text: str, limit: int = 400) -> str:
 _QUIET = threading.local()
 
 
-class _DropRetryChatter(logging.Filter):
-    """Drops urllib3's per-attempt "Retrying ..." warnings raised inside tracking calls (we report once)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not getattr(_QUIET, "active", False)
+def _drop_retry_chatter(record: logging.LogRecord) -> bool:
+    """Log filter: drops urllib3's per-attempt "Retrying ..." warnings in tracking calls (we report once)."""
+    return not getattr(_QUIET, "active", False)
 
 
 @contextlib.contextmanager
 def _quiet_http_retries() -> Iterator[None]:
-    urllib3_log = logging.getLogger("urllib3.connectionpool")
-    if not any(isinstance(f, _DropRetryChatter) for f in urllib3_log.filters):
-        urllib3_log.addFilter(_DropRetryChatter())
+    logging.getLogger("urllib3.connectionpool").addFilter(_drop_retry_chatter)  # adds it once only
     previous = getattr(_QUIET, "active", False)
     _QUIET.active = True
     try:
@@ -226,13 +222,11 @@ class MlflowSink:
                                lambda chunk=chunk: self._client.log_batch(self.run_id, params=chunk)))
 
     def log_artifact_text(self, name: str, text: str) -> None:
-        """Queue ``text`` as artifact file ``name``."""
         name = check_artifact_name(name)
         self._submit(_Call(f"uploading artifact {name}",
                            lambda: self._client.log_text(self.run_id, text, name)))
 
     def log_artifact_bytes(self, name: str, data: bytes) -> None:
-        """Queue ``data`` as artifact file ``name``."""
         name = check_artifact_name(name)
         self._submit(_Call(f"uploading artifact {name}", lambda: self._upload_bytes(name, data)))
 
@@ -257,10 +251,9 @@ class MlflowSink:
             return
         self._closed = True
         deadline = time.monotonic() + self._close_timeout_s
-        try:
+        # A full queue means the worker is stuck behind it; the join below gives up at the deadline.
+        with contextlib.suppress(queue.Full):
             self._queue.put(_Finish(status), timeout=self._close_timeout_s)
-        except queue.Full:  # the worker is stuck behind a full queue; the join below gives up at the deadline
-            pass
         self._thread.join(timeout=max(0.0, deadline - time.monotonic()))
         if self._thread.is_alive():
             self._outage.report("closing", f"{self._queue.qsize()} queued calls were not sent within "
@@ -501,23 +494,18 @@ def open_run(cfg: TrackingConfig, *, tracking_uri: str, run_dir: Path, spec: Run
         sink.log_params(spec.params)
         sink.log_artifact_text("config.yaml", spec.config_yaml)
         return sink, run_id
-    _log_resume_params(sink, spec.params, opened.params if opened is not None else None)
+    # MLflow params are immutable: a resumed run keeps its values; new keys are added and the config this
+    # job actually ran with is stored beside the original.
+    if opened is not None:
+        existing = opened.params or {}
+        sink.log_params({k: v for k, v in spec.params.items() if k not in existing})
+        changed = sorted(k for k, v in spec.params.items() if k in existing and existing[k] != v)
+        if changed:
+            _log.info("resumed MLflow run %s keeps its original params; changed on resume: %s", run_id,
+                      ", ".join(changed))
     sink.log_artifact_text(f"config_resume_{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}.yaml",
                            spec.config_yaml)
     return sink, run_id
-
-
-def _log_resume_params(sink: MlflowSink, params: Mapping[str, str],
-                       existing: Mapping[str, str] | None) -> None:
-    # MLflow params are immutable: a resumed run keeps its values; new keys are added and the config this
-    # job actually ran with is stored beside the original.
-    if existing is None:
-        return
-    sink.log_params({k: v for k, v in params.items() if k not in existing})
-    changed = sorted(k for k, v in params.items() if k in existing and existing[k] != v)
-    if changed:
-        _log.info("resumed MLflow run %s keeps its original params; changed on resume: %s", sink.run_id,
-                  ", ".join(changed))
 
 
 # ----------------------------------------------------------------------------------------------------------

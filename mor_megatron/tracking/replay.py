@@ -75,10 +75,6 @@ def read_run_copies(metrics_jsonl: Path) -> tuple[dict[str, RunCopy], int]:
     return runs, orphans
 
 
-def _points_on_server(client, run_id: str, keys: Iterable[str]) -> set[tuple[str, int]]:
-    return {(key, metric.step) for key in keys for metric in client.get_metric_history(run_id, key)}
-
-
 def replay_run(client, run: RunCopy) -> dict[str, Any]:
     """Upload the points and params of ``run`` that the server lacks and set its final status.
 
@@ -86,7 +82,8 @@ def replay_run(client, run: RunCopy) -> dict[str, Any]:
     the server already had it or the copy has none)."""
     from mlflow.entities import Metric, Param
 
-    on_server = _points_on_server(client, run.run_id, {key for key, _ in run.points})
+    on_server = {(key, metric.step) for key in {key for key, _ in run.points}
+                 for metric in client.get_metric_history(run.run_id, key)}
     missing = sorted((point for point in run.points if point not in on_server), key=lambda p: (p[1], p[0]))
     metrics = [Metric(key, run.points[(key, step)][0], int(run.points[(key, step)][1] * 1000), step)
                for key, step in missing]

@@ -97,27 +97,22 @@ class FanOutSink:
         self.sinks = tuple(sinks)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        """Forward to every sink."""
         for sink in self.sinks:
             sink.log_metrics(metrics, step)
 
     def log_params(self, params: Mapping[str, str]) -> None:
-        """Forward to every sink."""
         for sink in self.sinks:
             sink.log_params(params)
 
     def log_artifact_text(self, name: str, text: str) -> None:
-        """Forward to every sink."""
         for sink in self.sinks:
             sink.log_artifact_text(name, text)
 
     def log_artifact_bytes(self, name: str, data: bytes) -> None:
-        """Forward to every sink."""
         for sink in self.sinks:
             sink.log_artifact_bytes(name, data)
 
     def close(self, *, status: RunStatus = "FINISHED") -> None:
-        """Close every sink, the last one first."""
         for sink in reversed(self.sinks):
             sink.close(status=status)
 
@@ -227,21 +222,17 @@ class JsonlSink:
             self._file = None
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        """Append one ``metrics`` line."""
         values = {check_metric_key(key): float(value) for key, value in metrics.items()}
         self._write({"kind": "metrics", "step": int(step), "time": time.time(), "metrics": values})
 
     def log_params(self, params: Mapping[str, str]) -> None:
-        """Append one ``params`` line."""
         values = {str(key): str(value) for key, value in params.items()}
         self._write({"kind": "params", "time": time.time(), "params": values})
 
     def log_artifact_text(self, name: str, text: str) -> None:
-        """Write ``text`` to ``artifacts/<name>`` beside the JSONL file."""
         self.log_artifact_bytes(name, text.encode("utf-8"))
 
     def log_artifact_bytes(self, name: str, data: bytes) -> None:
-        """Write ``data`` to ``artifacts/<name>`` beside the JSONL file."""
         target = self.path.parent / "artifacts" / check_artifact_name(name)
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -250,7 +241,6 @@ class JsonlSink:
             _log.warning("could not write artifact %s: %s: %s", target, type(err).__name__, err)
 
     def close(self, *, status: RunStatus = "FINISHED") -> None:
-        """Append the ``end`` line with ``status`` and close the file."""
         self._write({"kind": "end", "time": time.time(), "status": status})
         if self._file is not None:
             self._file.close()

@@ -35,11 +35,8 @@ def resolve_tracking_uri(tracking_cfg: TrackingConfig, run_dir: str | Path) -> s
     """
     if not tracking_cfg.enabled:
         return None
-    if tracking_cfg.tracking_uri:
-        return tracking_cfg.tracking_uri
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    return f"sqlite:///{(Path(run_dir) / 'mlflow.db').resolve()}"
+    return (tracking_cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+            or f"sqlite:///{(Path(run_dir) / 'mlflow.db').resolve()}")
 
 
 def _share_run_id(run_id: str | None, is_logging_rank: bool, group: dist.ProcessGroup | None) -> str | None:

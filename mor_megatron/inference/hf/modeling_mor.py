@@ -153,20 +153,17 @@ class MoRCache(Cache):
         ids = self.slots if slot_ids is None else [s for s in slot_ids if s in self.slots]
         return sum(self.slots[s].nbytes() for s in ids)
 
-    def reorder_cache(self, beam_idx: Tensor) -> None:
-        """Reorder batch rows (beam search)."""
-        for slot in self.slots.values():
-            slot.select_rows(beam_idx.tolist())
-
     def batch_repeat_interleave(self, repeats: int) -> None:
         """Repeat every batch row ``repeats`` times in place."""
         for slot in self.slots.values():
             slot.select_rows([r for r in range(len(slot.keys)) for _ in range(repeats)])
 
     def batch_select_indices(self, indices: Tensor) -> None:
-        """Keep only the batch rows ``indices``."""
+        """Keep only the batch rows ``indices``, in that order (beam search reorders rows with it too)."""
         for slot in self.slots.values():
             slot.select_rows(indices.tolist())
+
+    reorder_cache = batch_select_indices
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -341,7 +338,6 @@ class MoRModel(MoRPreTrainedModel):
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
-        """The token embedding."""
         return self.embed_tokens
 
     def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
@@ -498,11 +494,9 @@ class MoRForCausalLM(MoRPreTrainedModel, GenerationMixin):
         return False
 
     def get_input_embeddings(self) -> nn.Embedding:
-        """The token embedding."""
         return self.model.embed_tokens
 
     def get_output_embeddings(self) -> nn.Linear:
-        """The LM head."""
         return self.lm_head
 
     @torch.no_grad()
