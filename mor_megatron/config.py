@@ -175,11 +175,17 @@ class ParallelConfig:
     use_distributed_optimizer: bool = False
     overlap_grad_reduce: bool = False
     overlap_param_gather: bool = False
+    collective_timeout_s: float = 600.0
+    """How long a rank waits in one collective (every process group: gloo, NCCL, the distributed optimizer's,
+    checkpointing's, DeepSpeed's) before the job fails; Megatron-LM's --distributed-timeout-minutes (10 min).
+    A cut link or a hung peer costs this long; the run is then marked FAILED with the reason."""
 
     def __post_init__(self) -> None:
         for name in ("tensor_parallel_size", "pipeline_parallel_size"):
             value = getattr(self, name)
             _require(isinstance(value, int) and value >= 1, f"parallel.{name} must be an integer >= 1, got {value!r}")
+        _require(isinstance(self.collective_timeout_s, (int, float)) and self.collective_timeout_s > 0,
+                 f"parallel.collective_timeout_s must be a number of seconds > 0, got {self.collective_timeout_s!r}")
         _require(not self.overlap_param_gather or self.use_distributed_optimizer,
                  "parallel.overlap_param_gather needs parallel.use_distributed_optimizer=true")
 
@@ -499,10 +505,6 @@ def preset(name: str) -> tuple[ModelConfig, RecursionConfig]:
 # --------------------------------------------------------------------------------------------------------------
 # Loading: YAML mapping -> typed dataclasses, dotted overrides, strict unknown-key errors.
 # --------------------------------------------------------------------------------------------------------------
-
-def _field_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
 
 def _coerce(value: Any, annotation: Any, path: str) -> Any:
     origin = get_origin(annotation)

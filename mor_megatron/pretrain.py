@@ -87,16 +87,17 @@ def run_job(prog: str, config: JobConfig, engine_factory: EngineFactory) -> int:
     from mor_megatron.training.trainer import Trainer
 
     ctx = init_distributed(config.parallel, seed=config.train.seed,
-                           virtual_pipeline_size=virtual_pipeline_size(config.recursion, config.parallel))
-    failed = True
+                           virtual_pipeline_size=virtual_pipeline_size(config.recursion, config.parallel),
+                           timeout_s=config.parallel.collective_timeout_s)
     try:
         trainer = Trainer(config, ctx, engine_factory)
         try:
             trainer.build()
             trainer.train()
-            failed = False
-        finally:
-            trainer.close(failed=failed)
+        except BaseException as err:  # a collective timeout, a dead peer, Ctrl-C: the run says why it ended
+            trainer.close(failure=err)
+            raise
+        trainer.close()
     except (CheckpointError, ConfigChangedOnResume) as err:
         if ctx.rank == 0:
             print(f"{prog}: error: {err}", file=sys.stderr)

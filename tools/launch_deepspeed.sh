@@ -24,6 +24,11 @@
 #   MASTER_ADDR     address of the first node that every node can reach (required with NO_SSH=1; with pdsh the
 #                   launcher asks the first host over ssh when unset; default 127.0.0.1 on one node)
 #   MASTER_PORT     rendezvous port on the first node (default 29500)
+#   MASTER_WAIT_S   NO_SSH=1: how long nodes 1.. wait for the first node's rendezvous port (default 300); an
+#                   unreachable MASTER_ADDR is an error after 20 s, on node 0 an address not its own at once
+#   GLOO_SOCKET_IFNAME, NCCL_SOCKET_IFNAME
+#                   network interface of the job's sockets; unset: the interface that routes to MASTER_ADDR,
+#                   chosen on each node (printed first with NO_SSH=1)
 #   MLFLOW_TRACKING_URI and every other MLFLOW_* variable
 #                   the job's tracking server; with pdsh the launcher exports MLFLOW_*, PYTHON* (and NCCL* on
 #                   GPU) to every node itself; with NO_SSH=1 each node runs this script in its own shell, so
@@ -101,6 +106,18 @@ if [[ "$no_ssh" == "1" ]]; then
   is_int "$node_rank" && (( node_rank < num_nodes )) || die "NODE_RANK=$node_rank must be an integer in [0, $num_nodes)"
 fi
 
+if [[ "$no_ssh" == "1" ]] && (( num_nodes > 1 )); then
+  # gloo binds to the hostname's address, often 127.0.0.1 on cluster images: name the interface that routes
+  # to MASTER_ADDR instead (values already set are kept). A bad MASTER_ADDR stops here. (In the pdsh form
+  # every worker makes the same choice for itself.)
+  rendezvous=("$python" -m mor_megatron.cli.rendezvous --prog launch_deepspeed.sh --master-addr "$MASTER_ADDR"
+              --master-port "$master_port" --node-rank "$node_rank" --num-nodes "$num_nodes")
+  exports="$("${rendezvous[@]}")" || exit 2
+  eval "$exports"
+  echo "launch_deepspeed.sh: node $node_rank: sockets over GLOO_SOCKET_IFNAME=${GLOO_SOCKET_IFNAME:-}" \
+       "NCCL_SOCKET_IFNAME=${NCCL_SOCKET_IFNAME:-} towards MASTER_ADDR=$MASTER_ADDR" >&2
+fi
+
 cuda_devices="$("$python" -c 'import torch; print(torch.cuda.device_count())')"
 if [[ -n "${GPUS_PER_NODE:-}" ]]; then
   gpus_per_node="$GPUS_PER_NODE"
@@ -156,6 +173,10 @@ if [[ "${SKIP_CHECK:-0}" != "1" ]]; then
   WORLD_SIZE="$world_size" "$python" -m mor_megatron.pretrain_deepspeed --check "$@"
 fi
 
+if [[ -n "${rendezvous+set}" ]] && (( node_rank > 0 )); then
+  # Otherwise a wrong MASTER_ADDR leaves this node waiting in silence for the collective timeout.
+  "${rendezvous[@]}" --wait || exit 2
+fi
 echo "launch_deepspeed.sh: $num_nodes node(s) x $gpus_per_node processes, world size $world_size" >&2
 if [[ -n "${env_file:-}" ]]; then
   # Not exec: the trap removes the environment file when the launcher returns.

@@ -20,6 +20,11 @@
 #   NODE_RANK       index of this node, 0 .. NNODES-1 (default 0)
 #   MASTER_ADDR     address of node 0 that every node can reach (default 127.0.0.1; set it when NNODES > 1)
 #   MASTER_PORT     rendezvous port on node 0 (default 29500)
+#   MASTER_WAIT_S   how long nodes 1.. wait for node 0's rendezvous port to open (default 300); an unreachable
+#                   MASTER_ADDR is an error after 20 s, on node 0 an address that is not its own at once
+#   GLOO_SOCKET_IFNAME, NCCL_SOCKET_IFNAME
+#                   network interface of the job's sockets; with NNODES > 1 and unset: the interface that
+#                   routes to MASTER_ADDR (printed first)
 #   GPUS_PER_NODE   processes on this node (default: the visible CUDA devices; 1 when there are none)
 #   MLFLOW_TRACKING_URI
 #                   tracking server for the job, e.g. the line printed by tools/mlflow_server.sh
@@ -71,6 +76,17 @@ if (( nnodes > 1 )) && [[ -z "${MASTER_ADDR:-}" ]]; then
   die "NNODES=$nnodes needs MASTER_ADDR, the address of node 0 that every node can reach"
 fi
 
+if (( nnodes > 1 )); then
+  # gloo binds to the hostname's address, often 127.0.0.1 on cluster images: name the interface that
+  # routes to MASTER_ADDR instead (values already set are kept). A bad MASTER_ADDR stops here.
+  rendezvous=("$python" -m mor_megatron.cli.rendezvous --prog launch_torchrun.sh --master-addr "$master_addr"
+              --master-port "$master_port" --node-rank "$node_rank" --num-nodes "$nnodes")
+  exports="$("${rendezvous[@]}")" || exit 2
+  eval "$exports"
+  echo "launch_torchrun.sh: node $node_rank: sockets over GLOO_SOCKET_IFNAME=${GLOO_SOCKET_IFNAME:-}" \
+       "NCCL_SOCKET_IFNAME=${NCCL_SOCKET_IFNAME:-} towards MASTER_ADDR=$master_addr" >&2
+fi
+
 if [[ -n "${GPUS_PER_NODE:-}" ]]; then
   gpus_per_node="$GPUS_PER_NODE"
 else
@@ -97,6 +113,10 @@ if [[ "${SKIP_CHECK:-0}" != "1" ]]; then
   WORLD_SIZE="$world_size" "$python" -m mor_megatron.pretrain --check "$@"
 fi
 
+if (( nnodes > 1 && node_rank > 0 )); then
+  # torchrun's agent would wait 10 minutes in silence for a rendezvous port that never opens.
+  "${rendezvous[@]}" --wait || exit 2
+fi
 echo "launch_torchrun.sh: node $node_rank of $nnodes, $gpus_per_node processes, world size $world_size," \
      "rendezvous $master_addr:$master_port" >&2
 exec "$python" -m torch.distributed.run \

@@ -35,8 +35,8 @@ class FlagAlias:
     many: bool = False
 
 
-def _lower(text: str) -> str:
-    return text.lower()
+def _minutes_in_seconds(minutes: str) -> float:
+    return float(minutes) * 60
 
 
 MEGATRON_FLAG_ALIASES: tuple[FlagAlias, ...] = (
@@ -45,6 +45,7 @@ MEGATRON_FLAG_ALIASES: tuple[FlagAlias, ...] = (
     FlagAlias("--use-distributed-optimizer", ("parallel.use_distributed_optimizer",), constant=True),
     FlagAlias("--overlap-grad-reduce", ("parallel.overlap_grad_reduce",), constant=True),
     FlagAlias("--overlap-param-gather", ("parallel.overlap_param_gather",), constant=True),
+    FlagAlias("--distributed-timeout-minutes", ("parallel.collective_timeout_s",), _minutes_in_seconds),
     FlagAlias("--micro-batch-size", ("train.micro_batch_size",), int),
     FlagAlias("--global-batch-size", ("train.global_batch_size",), int),
     FlagAlias("--train-iters", ("train.train_steps",), int),
@@ -61,7 +62,7 @@ MEGATRON_FLAG_ALIASES: tuple[FlagAlias, ...] = (
     FlagAlias("--lr", ("optim.lr",), float),
     FlagAlias("--min-lr", ("optim.min_lr",), float),
     FlagAlias("--lr-warmup-iters", ("optim.warmup_steps",), int),
-    FlagAlias("--lr-decay-style", ("optim.schedule",), _lower),  # Megatron-LM spells it WSD
+    FlagAlias("--lr-decay-style", ("optim.schedule",), str.lower),  # Megatron-LM spells it WSD
     FlagAlias("--weight-decay", ("optim.weight_decay",), float),
     FlagAlias("--clip-grad", ("optim.clip_grad",), float),
     FlagAlias("--adam-beta1", ("optim.adam_beta1",), float),

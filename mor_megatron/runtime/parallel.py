@@ -12,7 +12,6 @@ and a process group that someone else (tests, DeepSpeed) has already initialised
 
 from __future__ import annotations
 
-import math
 import os
 import random
 import sys
@@ -24,10 +23,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed import distributed_c10d
 
 from mor_megatron.config import ConfigError, ParallelConfig
 from mor_megatron.runtime.child_processes import arm_checkpoint_helpers
 from mor_megatron.runtime.cpu import enable_cpu_runtime
+from mor_megatron.runtime.network import use_route_interfaces
 
 if TYPE_CHECKING:
     from megatron.core.process_groups_config import ProcessGroupCollection
@@ -257,7 +258,7 @@ def init_distributed(
         tensor_model_parallel_size=dims.tp,
         pipeline_model_parallel_size=dims.pp,
         virtual_pipeline_model_parallel_size=virtual_pipeline_size if dims.pp > 1 else None,
-        distributed_timeout_minutes=max(1, math.ceil(timeout_s / 60)),
+        distributed_timeout_minutes=timeout_s / 60,  # into a timedelta: fractions of a minute work
     )
     random.seed(seed)
     torch.manual_seed(seed)
@@ -325,6 +326,9 @@ def _init_process_group(
         return
     backend = backend or ("nccl" if device.type == "cuda" else "gloo")
     timeout = timedelta(seconds=timeout_s)
+    # Groups created later without a timeout (DeepSpeed's, megatron's checkpoint helpers) take torch's
+    # module-level defaults (30 min gloo, 10 min NCCL): make them the job's timeout too.
+    distributed_c10d.default_pg_timeout = distributed_c10d.default_pg_nccl_timeout = timeout
     # Binds NCCL communicators to this rank's GPU up front instead of guessing from the current device.
     device_id = device if device.type == "cuda" else None
     if launch.world_size == 1 and launch.master_addr is None:
@@ -338,6 +342,10 @@ def _init_process_group(
             "rendezvous (torchrun and the DeepSpeed launcher set them; with srun, export them in the batch "
             "script)"
         )
+    chosen = use_route_interfaces(launch.master_addr)
+    if chosen and launch.local_rank == 0:
+        print(f"rank {launch.rank}: sockets over {', '.join(f'{k}={v}' for k, v in chosen.items())} (the interface "
+              f"that routes to MASTER_ADDR={launch.master_addr})", file=sys.stderr, flush=True)
     dist.init_process_group(
         backend,
         init_method=f"tcp://{launch.master_addr}:{launch.master_port}",

@@ -43,6 +43,10 @@ _log = logging.getLogger(__name__)
 # MLflow 3.17 request limits (mlflow/utils/validation.py).
 MAX_PARAMS_PER_BATCH = 100
 MAX_METRICS_PER_BATCH = 1000
+TAG_CHARS = 5000  # the shortest tag-value limit of the supported MLflow versions
+
+FAILURE_TAG = "mor.failure"
+"""Run tag holding the error that ended a FAILED run (its type and message)."""
 
 _SINK_THREAD = "mor-mlflow-sink"
 _SYSTEM_THREAD = "mor-system-metrics"
@@ -131,6 +135,7 @@ class _Call:
 @dataclass(frozen=True)
 class _Finish:
     status: str
+    reason: str | None
 
 
 @dataclass(frozen=True)
@@ -244,16 +249,16 @@ class MlflowSink:
             path.write_bytes(data)
             self._client.log_artifact(self.run_id, str(path), folder or None)
 
-    def close(self, *, status: RunStatus = "FINISHED") -> None:
+    def close(self, *, status: RunStatus = "FINISHED", reason: str | None = None) -> None:
         """Send what is queued (bounded by ``close_timeout_s``), then end the run with ``status`` if this sink
-        owns it."""
+        owns it, with ``reason`` as the tag :data:`FAILURE_TAG`."""
         if self._closed:
             return
         self._closed = True
         deadline = time.monotonic() + self._close_timeout_s
         # A full queue means the worker is stuck behind it; the join below gives up at the deadline.
         with contextlib.suppress(queue.Full):
-            self._queue.put(_Finish(status), timeout=self._close_timeout_s)
+            self._queue.put(_Finish(status, reason), timeout=self._close_timeout_s)
         self._thread.join(timeout=max(0.0, deadline - time.monotonic()))
         if self._thread.is_alive():
             self._outage.report("closing", f"{self._queue.qsize()} queued calls were not sent within "
@@ -276,6 +281,10 @@ class MlflowSink:
                     self._upload_files()
                     if self._end_run:
                         status = item.status
+                        if item.reason is not None:
+                            tag = _Call("tagging the failure", lambda: self._client.set_tag(
+                                self.run_id, FAILURE_TAG, item.reason[:TAG_CHARS]))
+                            self._send(tag, force=True)
                         # Tried even while paused: it is one call, and it keeps a run from staying RUNNING.
                         end = _Call("ending the run",
                                     lambda: self._client.set_terminated(self.run_id, status))
@@ -358,11 +367,11 @@ class SystemMetricsSink(NullSink):
         self._thread = threading.Thread(target=self._sample_loop, name=_SYSTEM_THREAD, daemon=True)
         self._thread.start()
 
-    def close(self, *, status: RunStatus = "FINISHED") -> None:
+    def close(self, *, status: RunStatus = "FINISHED", reason: str | None = None) -> None:
         """Publish the last partial sample and stop sampling, waiting at most ``close_timeout_s``."""
         self._stop.set()
         self._thread.join(timeout=self._close_timeout_s)
-        self._jsonl.close(status=status)
+        self._jsonl.close(status=status, reason=reason)
 
     def _sample_loop(self) -> None:
         with _quiet_http_retries():

@@ -16,7 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mor_megatron.tracking.mlflow import MAX_METRICS_PER_BATCH, MAX_PARAMS_PER_BATCH, configure_mlflow_http
+from mor_megatron.tracking.mlflow import (
+    FAILURE_TAG,
+    MAX_METRICS_PER_BATCH,
+    MAX_PARAMS_PER_BATCH,
+    TAG_CHARS,
+    configure_mlflow_http,
+)
 from mor_megatron.tracking.sinks import MAX_PARAM_VALUE_LENGTH, SYSTEM_METRICS_DIR, read_jsonl
 
 
@@ -32,6 +38,8 @@ class RunCopy:
     status: str | None = None
     """The status of the run's last attempt (FINISHED, FAILED, KILLED); None if it left no ``end`` record."""
     end_time: float | None = None
+    failure: str | None = None
+    """Why the last attempt failed (the ``end`` record's ``reason``)."""
 
 
 def collect_runs(records: Iterable[Mapping[str, Any]], runs: dict[str, RunCopy], *,
@@ -49,7 +57,7 @@ def collect_runs(records: Iterable[Mapping[str, Any]], runs: dict[str, RunCopy],
             run_id = record.get("run_id")
             current = runs.setdefault(run_id, RunCopy(run_id, record.get("tracking_uri"))) if run_id else None
             if current is not None and with_status:
-                current.status = current.end_time = None  # a new attempt: only its own end record counts
+                current.status = current.end_time = current.failure = None  # a new attempt: its own end counts
         elif kind == "metrics" and isinstance(record.get("step"), int):
             if current is None:
                 orphans += 1
@@ -60,6 +68,7 @@ def collect_runs(records: Iterable[Mapping[str, Any]], runs: dict[str, RunCopy],
             current.params.update(record.get("params", {}))
         elif current is not None and with_status and kind == "end":
             current.status, current.end_time = record.get("status"), record.get("time")
+            current.failure = record.get("reason")
     return orphans
 
 
@@ -97,6 +106,8 @@ def replay_run(client, run: RunCopy) -> dict[str, Any]:
     status_set = None
     if run.status is not None and server_run.info.status != run.status:
         end_ms = int(run.end_time * 1000) if run.end_time is not None else None
+        if run.failure is not None:
+            client.set_tag(run.run_id, FAILURE_TAG, run.failure[:TAG_CHARS])
         client.set_terminated(run.run_id, run.status, end_time=end_ms)
         status_set = run.status
     return {"run_id": run.run_id, "points_in_copy": len(run.points), "points_uploaded": len(metrics),

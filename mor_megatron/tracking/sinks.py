@@ -67,8 +67,9 @@ class MetricSink(Protocol):
     def log_artifact_bytes(self, name: str, data: bytes) -> None:
         """Store ``data`` as a file ``name`` (a relative path) with the run (images: depth-map PNGs)."""
 
-    def close(self, *, status: RunStatus = "FINISHED") -> None:
-        """Flush within a bounded time and release resources; ``status`` says how the job ended."""
+    def close(self, *, status: RunStatus = "FINISHED", reason: str | None = None) -> None:
+        """Flush within a bounded time and release resources; ``status`` says how the job ended and ``reason``
+        why it failed (the error), if it did."""
 
 
 class NullSink:
@@ -86,7 +87,7 @@ class NullSink:
     def log_artifact_bytes(self, name: str, data: bytes) -> None:
         """Discard."""
 
-    def close(self, *, status: RunStatus = "FINISHED") -> None:
+    def close(self, *, status: RunStatus = "FINISHED", reason: str | None = None) -> None:
         """Nothing to release."""
 
 
@@ -112,9 +113,9 @@ class FanOutSink:
         for sink in self.sinks:
             sink.log_artifact_bytes(name, data)
 
-    def close(self, *, status: RunStatus = "FINISHED") -> None:
+    def close(self, *, status: RunStatus = "FINISHED", reason: str | None = None) -> None:
         for sink in reversed(self.sinks):
-            sink.close(status=status)
+            sink.close(status=status, reason=reason)
 
 
 def _parse(line: str) -> dict[str, Any]:
@@ -178,7 +179,8 @@ class JsonlSink:
     a job starts (``run_id`` null when MLflow is off or was unreachable), then
     ``{"kind": "params", "time", "params": {key: str}}``,
     ``{"kind": "metrics", "step": int, "time": unix_s, "metrics": {key: float}}`` and, on close,
-    ``{"kind": "end", "time", "status"}`` with status ``FINISHED``, ``FAILED`` or ``KILLED``. Records belong to
+    ``{"kind": "end", "time", "status"}`` with status ``FINISHED``, ``FAILED`` or ``KILLED`` (and the error as
+    ``"reason"`` when it failed). Records belong to
     the run of the ``run`` record before them, which is what ``mor-track replay`` uploads.
 
     A resumed job (``resume_step`` given) appends to the same file after dropping the metric records past
@@ -240,8 +242,9 @@ class JsonlSink:
         except OSError as err:
             _log.warning("could not write artifact %s: %s: %s", target, type(err).__name__, err)
 
-    def close(self, *, status: RunStatus = "FINISHED") -> None:
-        self._write({"kind": "end", "time": time.time(), "status": status})
+    def close(self, *, status: RunStatus = "FINISHED", reason: str | None = None) -> None:
+        end = {"kind": "end", "time": time.time(), "status": status}
+        self._write(end if reason is None else {**end, "reason": reason})
         if self._file is not None:
             self._file.close()
             self._file = None

@@ -284,11 +284,13 @@ class Trainer:
         if dist.get_rank() == 0:
             print(message, flush=True)
 
-    def close(self, *, failed: bool = False) -> None:
-        """Flush and close tracking (bounded wait): FAILED, KILLED after an early stop, else FINISHED; close the
-        engine; release the save_dir lock. Call once."""
+    def close(self, *, failure: BaseException | None = None) -> None:
+        """Flush and close tracking (bounded wait): FAILED with the error when ``failure`` is given, KILLED after
+        an early stop, else FINISHED; close the engine; release the save_dir lock. Call once."""
         if self.sink is not None:
-            self.sink.close(status="FAILED" if failed else "KILLED" if self.stop_reason else "FINISHED")
+            status = "FAILED" if failure is not None else "KILLED" if self.stop_reason else "FINISHED"
+            reason = None if failure is None else f"{type(failure).__name__}: {failure}".strip()
+            self.sink.close(status=status, reason=reason)
             self.sink = None
         if self.exit_signals is not None:
             self.exit_signals.restore()

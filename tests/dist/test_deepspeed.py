@@ -124,16 +124,17 @@ def _train(overrides: list[str], *, engine: str, stop_after: int | None = None) 
         return built if stop_after is None else PreemptedAfter(built, stop_after)
 
     trainer = Trainer(config, ctx, factory)
-    failed = True
+    failure = None
     try:
         trainer.build()
         trainer.train()
-        failed = False
-    except Preempted:
-        pass
+    except BaseException as err:
+        failure = err
+        if not isinstance(err, Preempted):
+            raise
     finally:
         result = probes[0].report() if probes else {}  # before close() destroys the DeepSpeed engine
-        trainer.close(failed=failed)
+        trainer.close(failure=failure)
         destroy_distributed(keep_process_group=True)
     return result
 

@@ -59,7 +59,7 @@ def _train_then_resume(rank: int, world_size: int, *, root: str, tokenizer: str)
             trainer.train()
             steps.append(trainer.loop.step)
         finally:
-            trainer.close(failed=False)
+            trainer.close()
             destroy_distributed(keep_process_group=True)
     return {"steps": steps}
 
@@ -127,7 +127,7 @@ def _uptrain(rank: int, world_size: int, *, config_yaml: str, overrides: list[st
         start = trainer.loop.step
         trainer.train()
     finally:
-        trainer.close(failed=False)
+        trainer.close()
         destroy_distributed(keep_process_group=True)
     return {"tokenizer": config.data.tokenizer, "start": start, "end": trainer.loop.step}
 

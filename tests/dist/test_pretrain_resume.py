@@ -64,15 +64,16 @@ def _train(overrides: list[str], *, stop_after: int | None = None):
     if stop_after is not None:
         factory = lambda cfg, ctx: PreemptedAfter(MegatronEngine(cfg, ctx), stop_after)  # noqa: E731
     trainer = Trainer(config, ctx, factory)
-    failed = True
     try:
         trainer.build()
         trainer.train()
-        failed = False
-    except Preempted:
-        pass
+    except BaseException as err:
+        trainer.close(failure=err)
+        if not isinstance(err, Preempted):
+            raise
+    else:
+        trainer.close()
     finally:
-        trainer.close(failed=failed)
         destroy_distributed(keep_process_group=True)
     return trainer
 

@@ -19,13 +19,20 @@ REPO = Path(__file__).resolve().parents[2]
 TOOLS = REPO / "tools"
 SCRIPTS = sorted(p for p in TOOLS.iterdir() if p.suffix in (".sh", ".sbatch"))
 
-# Records each call (argv and the environment variables the scripts set) as one JSON line in $CALLS_LOG.
+# Records each call (argv and the environment variables the scripts set) as one JSON line in $CALLS_LOG; as
+# mor_megatron.cli.rendezvous it answers as on a host whose interface eth7 (10.9.0.1) routes to MASTER_ADDR.
 _RECORDER = """#!/usr/bin/env python3
 import json, os, sys
-keys = ("WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "MLFLOW_TRACKING_URI", "OMP_NUM_THREADS", "RANK")
+keys = ("WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "MLFLOW_TRACKING_URI", "OMP_NUM_THREADS", "RANK",
+        "GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
 with open(os.environ["CALLS_LOG"], "a") as log:
     log.write(json.dumps({"tool": os.path.basename(sys.argv[0]), "argv": sys.argv[1:],
                           "env": {k: os.environ.get(k) for k in keys}}) + "\\n")
+if sys.argv[1:3] == ["-m", "mor_megatron.cli.rendezvous"]:
+    if "--address-towards" in sys.argv:
+        print("10.9.0.1")
+    elif "--wait" not in sys.argv:
+        print("export GLOO_SOCKET_IFNAME=eth7\\nexport NCCL_SOCKET_IFNAME=eth7")
 """
 _SCONTROL = """#!/usr/bin/env bash
 if [[ "$1 $2" == "show hostnames" ]]; then tr ',' '\\n' <<< "$3"; exit; fi
@@ -55,7 +62,8 @@ def _executable(path: Path, text: str) -> Path:
 
 
 _SCRIPT_VARIABLES = ("NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "GPUS_PER_NODE",
-                     "MLFLOW_TRACKING_URI", "WORLD_SIZE", "RANK", "PYTHON", "SKIP_CHECK", "OMP_NUM_THREADS")
+                     "MLFLOW_TRACKING_URI", "WORLD_SIZE", "RANK", "PYTHON", "SKIP_CHECK", "OMP_NUM_THREADS",
+                     "GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "MASTER_WAIT_S")
 """Variables the scripts read: the test's own environment must not leak into them."""
 
 
@@ -112,7 +120,13 @@ def test_launcher_checks_then_starts_torchrun(tmp_path):
            "CALLS_LOG": str(log)}
     result = _run([str(TOOLS / "launch_torchrun.sh"), "--config", "c.yaml", "train.train_steps=5"], env)
     assert result.returncode == 0, result.stderr
-    check, launch = _calls(log)
+    assert result.stderr.startswith("launch_torchrun.sh: node 1: sockets over GLOO_SOCKET_IFNAME=eth7 "
+                                    "NCCL_SOCKET_IFNAME=eth7 towards MASTER_ADDR=10.0.0.1\n"), result.stderr
+    route, check, wait, launch = _calls(log)
+    rendezvous = ["-m", "mor_megatron.cli.rendezvous", "--prog", "launch_torchrun.sh", "--master-addr",
+                  "10.0.0.1", "--master-port", "29555", "--node-rank", "1", "--num-nodes", "2"]
+    # The route and address are checked first; node 1 waits for node 0's port just before torchrun starts.
+    assert route["argv"] == rendezvous and wait["argv"] == [*rendezvous, "--wait"]
     assert check["argv"] == ["-m", "mor_megatron.pretrain", "--check", "--config", "c.yaml",
                              "train.train_steps=5"]
     assert check["env"]["WORLD_SIZE"] == "8"
@@ -120,6 +134,7 @@ def test_launcher_checks_then_starts_torchrun(tmp_path):
                               "--nproc-per-node", "4", "--master-addr", "10.0.0.1", "--master-port", "29555",
                               "-m", "mor_megatron.pretrain", "--config", "c.yaml", "train.train_steps=5"]
     assert launch["env"]["MLFLOW_TRACKING_URI"] == "http://10.0.0.1:5000"
+    assert launch["env"]["GLOO_SOCKET_IFNAME"] == launch["env"]["NCCL_SOCKET_IFNAME"] == "eth7"
 
 
 def test_launcher_stops_on_a_config_error_before_torchrun():
@@ -148,16 +163,19 @@ def test_slurm_script_checks_then_runs_one_task_per_gpu(tmp_path):
     result = _run(["bash", str(TOOLS / "slurm_pretrain.sbatch"), "configs/360m-mor-e-r3.yaml",
                    "train.train_steps=5"], env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    check, srun = _calls(log)
+    route, check, srun = _calls(log)
+    # The first host's own name may resolve to 127.0.0.1 there: the address it reaches the second from is used.
+    assert route["argv"] == ["-m", "mor_megatron.cli.rendezvous", "--prog", "slurm_pretrain",
+                             "--address-towards", "gpu-b"]
     assert check["tool"] == "python"
     assert check["argv"] == ["-m", "mor_megatron.pretrain", "--check", "--config",
                              "configs/360m-mor-e-r3.yaml", "train.train_steps=5"]
     assert srun["tool"] == "srun"
     assert srun["argv"] == ["--kill-on-bad-exit=1", env["PYTHON"], "-m", "mor_megatron.pretrain", "--config",
                             "configs/360m-mor-e-r3.yaml", "train.train_steps=5"]
-    assert srun["env"] == {"WORLD_SIZE": None, "MASTER_ADDR": "gpu-a", "MASTER_PORT": str(20000 + 1234),
+    assert srun["env"] == {"WORLD_SIZE": None, "MASTER_ADDR": "10.9.0.1", "MASTER_PORT": str(20000 + 1234),
                            "MLFLOW_TRACKING_URI": "http://10.0.0.1:5000", "OMP_NUM_THREADS": "6",
-                           "RANK": None}
+                           "RANK": None, "GLOO_SOCKET_IFNAME": None, "NCCL_SOCKET_IFNAME": None}
 
 
 def test_slurm_script_needs_a_config(tmp_path):

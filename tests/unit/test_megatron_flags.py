@@ -49,9 +49,11 @@ def test_megatron_flags_set_the_config_tree(entry_point, capsys):
             "--micro-batch-size", "2", "--global-batch-size", "16", "--train-iters", "40", "--seq-length", "128",
             "--lr", "1e-4", "--min-lr", "1e-5", "--save", "ckpt/out", "--load", "ckpt/in", "--save-interval", "10",
             "--eval-interval", "20", "--eval-iters", "3", "--log-interval", "5", "--data-path", "0.7", "a", "0.3",
-            "b", "--seed", "7", "--bf16", "--lr-decay-style", "WSD", "--adam-eps", "1e-8"]
+            "b", "--seed", "7", "--bf16", "--lr-decay-style", "WSD", "--adam-eps", "1e-8",
+            "--distributed-timeout-minutes", "1.5"]
     config = _printed_config(ENTRY_POINTS[entry_point], argv, capsys)
     assert config["parallel"]["tensor_parallel_size"] == 2 and config["parallel"]["pipeline_parallel_size"] == 2
+    assert config["parallel"]["collective_timeout_s"] == 90.0
     assert {key: config["train"][key] for key in ("micro_batch_size", "global_batch_size", "train_steps",
                                                   "seq_length", "eval_interval", "eval_steps", "log_interval",
                                                   "seed", "precision")} == {

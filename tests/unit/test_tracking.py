@@ -68,8 +68,8 @@ class _Recorder(NullSink):
     def log_artifact_text(self, name, text):
         self.events.append((self.name, "artifact", name, text))
 
-    def close(self, *, status="FINISHED"):
-        self.events.append((self.name, "close", status))
+    def close(self, *, status="FINISHED", reason=None):
+        self.events.append((self.name, "close", status, reason))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -131,7 +131,7 @@ def test_jsonl_sink_writes_one_flushed_object_per_line_and_appends(tmp_path):
     sink.log_artifact_text("config.yaml", "model: {}\n")
     with pytest.raises(ValueError, match="not MLflow-legal"):
         sink.log_metrics({"mem/peak (GiB)": 1.0}, step=3)
-    sink.close(status="FAILED")
+    sink.close(status="FAILED", reason="RuntimeError: Timed out waiting 60000ms for recv")
     JsonlSink(path).close()  # a resumed job appends
     JsonlSink(path).close(status="KILLED")  # stopped early (SIGTERM, train.exit_interval), to be resumed
     lines = _read_jsonl(path)
@@ -139,6 +139,8 @@ def test_jsonl_sink_writes_one_flushed_object_per_line_and_appends(tmp_path):
     assert lines[1]["step"] == 1 and isinstance(lines[1]["time"], float)
     assert math.isnan(lines[2]["metrics"][m.TRAIN_LM_LOSS])
     assert [line["status"] for line in lines[3:]] == ["FAILED", "FINISHED", "KILLED"]
+    assert [line.get("reason") for line in lines[3:]] == ["RuntimeError: Timed out waiting 60000ms for recv",
+                                                          None, None]
     assert (tmp_path / "run" / "artifacts" / "config.yaml").read_text() == "model: {}\n"
     with pytest.raises(ValueError, match="relative path"):
         JsonlSink(tmp_path / "other.jsonl").log_artifact_text("../escape.txt", "x")
@@ -151,11 +153,11 @@ def test_fan_out_forwards_in_order_and_closes_in_reverse():
     sink.log_metrics({"x": 1.0}, 5)
     sink.log_params({"p": "1"})
     sink.log_artifact_text("f.txt", "t")
-    sink.close(status="KILLED")
+    sink.close(status="FAILED", reason="why")
     assert [(e[0], e[1]) for e in events] == [
         ("a", "metrics"), ("b", "metrics"), ("a", "params"), ("b", "params"),
         ("a", "artifact"), ("b", "artifact"), ("b", "close"), ("a", "close")]
-    assert events[-1] == ("a", "close", "KILLED")
+    assert events[-1] == ("a", "close", "FAILED", "why")
 
 
 @pytest.mark.parametrize(("module", "forbidden"), [
@@ -220,6 +222,20 @@ def test_mlflow_sink_on_sqlite_is_readable_through_the_client(sqlite_uri, tmp_pa
     assert [a.path for a in client.list_artifacts(run_id, "notes")] == ["notes/depth.png", "notes/hello.txt"]
     png = Path(client.download_artifacts(run_id, "notes/depth.png", str(tmp_path)))
     assert png.read_bytes() == b"\x89PNG\x00\xff"
+
+
+def test_a_failed_run_carries_its_reason(sqlite_uri, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from mor_megatron.tracking.mlflow import FAILURE_TAG
+
+    client = MlflowClient(sqlite_uri)
+    run_id = client.create_run(client.create_experiment("failed", artifact_location=tmp_path.as_uri())).info.run_id
+    sink = MlflowSink(sqlite_uri, run_id, outage=TrackingOutage(sqlite_uri, "unused"))
+    sink.close(status="FAILED", reason="RuntimeError: Connection reset by peer" + "!" * 9000)
+    run = client.get_run(run_id)
+    assert run.info.status == "FAILED"
+    assert run.data.tags[FAILURE_TAG] == ("RuntimeError: Connection reset by peer" + "!" * 9000)[:5000]
 
 
 def test_start_tracking_logs_the_training_blend_as_a_dataset_input(tmp_path, sqlite_uri, caplog):

@@ -12,7 +12,7 @@ import torch
 
 from mor_megatron.config import TrackingConfig, config_from_dict
 from mor_megatron.tracking import metrics as m
-from mor_megatron.tracking.mlflow import LoggedSteps
+from mor_megatron.tracking.mlflow import FAILURE_TAG, LoggedSteps
 from mor_megatron.tracking.replay import read_run_copies, replay
 from mor_megatron.tracking.run_info import default_run_name
 from mor_megatron.tracking.sinks import JsonlSink, read_jsonl
@@ -175,7 +175,7 @@ def _job_with_outage(tmp_path, sqlite_uri, experiment):
         if not 3 <= step <= 6:
             mlflow_sink.log_metrics(metrics, step)
     mlflow_sink.close(status="RUNNING")  # the server died before the end: the run stays RUNNING
-    jsonl.close(status="KILLED")
+    jsonl.close(status="FAILED", reason="RuntimeError: Connection reset by peer")
     return MlflowClient(sqlite_uri), run_id
 
 
@@ -184,10 +184,11 @@ def test_replay_uploads_only_missing_points_sets_status_and_is_idempotent(tmp_pa
     assert [s for s, _ in _history(client, run_id)] == [1, 2, 7, 8]
     first = replay(tmp_path / "metrics.jsonl")["runs"][0]
     assert first == {**first, "run_id": run_id, "points_in_copy": 16, "points_uploaded": 8,
-                     "status_set": "KILLED"}
+                     "status_set": "FAILED"}
     assert _history(client, run_id) == [(s, 4.0 / s) for s in range(1, 9)]
     assert [s for s, _ in _history(client, run_id, m.TRAIN_TOKENS_CONSUMED)] == list(range(1, 9))
-    assert client.get_run(run_id).info.status == "KILLED"
+    run = client.get_run(run_id)
+    assert run.info.status == "FAILED" and run.data.tags[FAILURE_TAG] == "RuntimeError: Connection reset by peer"
     second = replay(tmp_path / "metrics.jsonl")["runs"][0]
     assert second["points_uploaded"] == 0 and second["params_uploaded"] == 0 and second["status_set"] is None
     assert len(client.get_metric_history(run_id, m.TRAIN_LM_LOSS)) == 8
