@@ -172,6 +172,10 @@ class ParallelConfig:
 
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
+    sequence_parallel: bool = False
+    """Megatron's sequence parallelism with TP: norms, dropout and residuals on 1/tp of the sequence per rank.
+    Routing sees whole sequences: each recursion gathers the stream, routes and compacts, and splits its active
+    tokens (padded to a multiple of tp) across the TP ranks again."""
     use_distributed_optimizer: bool = False
     overlap_grad_reduce: bool = False
     overlap_param_gather: bool = False
@@ -186,6 +190,8 @@ class ParallelConfig:
             _require(isinstance(value, int) and value >= 1, f"parallel.{name} must be an integer >= 1, got {value!r}")
         _require(isinstance(self.collective_timeout_s, (int, float)) and self.collective_timeout_s > 0,
                  f"parallel.collective_timeout_s must be a number of seconds > 0, got {self.collective_timeout_s!r}")
+        _require(not self.sequence_parallel or self.tensor_parallel_size > 1,
+                 "parallel.sequence_parallel needs parallel.tensor_parallel_size > 1")
         _require(not self.overlap_param_gather or self.use_distributed_optimizer,
                  "parallel.overlap_param_gather needs parallel.use_distributed_optimizer=true")
 
@@ -704,6 +710,9 @@ def validate(config: JobConfig, world_size: int | None = None) -> None:
         _require(not (config.data.reset_attention_mask or config.data.reset_position_ids),
                  "data.reset_attention_mask / data.reset_position_ids are not supported with pipeline parallelism "
                  "yet (middle stages receive no batch); set them false or parallel.pipeline_parallel_size=1")
+    _require(not par.sequence_parallel or config.seq_length % tp == 0,
+             f"train.seq_length={config.seq_length} is not divisible by parallel.tensor_parallel_size={tp}, which "
+             "parallel.sequence_parallel splits it by")
     _require(config.seq_length <= model.max_seq_length,
              f"train.seq_length={config.seq_length} exceeds model.max_seq_length={model.max_seq_length}")
     _require(config.optim.warmup_steps < train.train_steps,

@@ -43,6 +43,7 @@ MEGATRON_FLAG_ALIASES: tuple[FlagAlias, ...] = (
     FlagAlias("--tensor-model-parallel-size", ("parallel.tensor_parallel_size",), int),
     FlagAlias("--pipeline-model-parallel-size", ("parallel.pipeline_parallel_size",), int),
     FlagAlias("--use-distributed-optimizer", ("parallel.use_distributed_optimizer",), constant=True),
+    FlagAlias("--sequence-parallel", ("parallel.sequence_parallel",), constant=True),
     FlagAlias("--overlap-grad-reduce", ("parallel.overlap_grad_reduce",), constant=True),
     FlagAlias("--overlap-param-gather", ("parallel.overlap_param_gather",), constant=True),
     FlagAlias("--distributed-timeout-minutes", ("parallel.collective_timeout_s",), _minutes_in_seconds),
@@ -101,7 +102,6 @@ _DOTTED_OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.\w+)*=")
 UNSUPPORTED_MEGATRON_FLAGS: dict[str, str] = {
     "--fp16": "fp16 training is not supported; use --bf16 (train.precision=bf16)",
     "--context-parallel-size": "context parallelism is not supported; use tensor or pipeline parallelism",
-    "--sequence-parallel": "sequence parallelism is not supported",
     "--expert-model-parallel-size": "MoR has no experts to shard; its recursions share one block",
     "--virtual-pipeline-model-parallel-size": "the virtual stages are the recursions (recursion.num_recursions), "
                                               "not a setting; see docs/pipeline.md",

@@ -24,6 +24,7 @@ from megatron.core.transformer.enums import AttnMaskType
 
 from mor_megatron.model.kv_share import KVShareSession
 from mor_megatron.model.recursion import ActiveTokens
+from mor_megatron.model.sequence_parallel import pad_rows
 
 
 class MoRSelfAttention(SelfAttention):
@@ -35,6 +36,8 @@ class MoRSelfAttention(SelfAttention):
     """
 
     kv_share_session: KVShareSession | None = None
+    _query_rows = 0
+    """Rows of the compacted queries that entered the core attention (with sequence-parallel padding)."""
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -48,11 +51,16 @@ class MoRSelfAttention(SelfAttention):
         return session.queries if session is not None and session.mode == "reuse" else None
 
     def _spread_shared_queries(self, module, args: tuple, kwargs: dict):
-        """Before the core attention: compacted queries ``[k, b, np, hn]`` -> ``[s, b, np, hn]``."""
+        """Before the core attention: compacted queries ``[k, b, np, hn]`` -> ``[s, b, np, hn]``.
+
+        Under sequence parallelism the compacted tokens arrive padded to a multiple of tp; the padding rows
+        are dropped here and come back as zeros after the core attention."""
         queries = self._reused_queries()
         if queries is None:
             return None
         query, *rest = args
+        self._query_rows = query.shape[0]
+        query = query[: queries.num_slots]
         k, batch = query.shape[:2]
         full = query.new_zeros(queries.seq_length, batch, query.shape[2] * query.shape[3])
         spread = queries.scatter(full, query.reshape(k, batch, -1)).view(-1, *query.shape[1:])
@@ -61,7 +69,7 @@ class MoRSelfAttention(SelfAttention):
     def _read_shared_queries(self, module, args: tuple, output: Tensor) -> Tensor | None:
         """After the core attention: ``[s, b, np * hn]`` -> the active rows ``[k, b, np * hn]``."""
         queries = self._reused_queries()
-        return None if queries is None else queries.gather(output)
+        return None if queries is None else pad_rows(queries.gather(output), self._query_rows)
 
     def forward(self, hidden_states: Tensor, attention_mask: Tensor | None, *args: Any, **kwargs: Any):
         """As the parent; with a mask, the core attention sees ``AttnMaskType.arbitrary`` for this call."""

@@ -35,6 +35,13 @@ from mor_megatron.model.recursion import ActiveTokens, expert_choice_update, tok
 from mor_megatron.model.recursion_state import PipelinePacking, RecursionState
 from mor_megatron.model.router_stats import RouterStats
 from mor_megatron.model.routing import ExpertChoiceRouter, RoutingMode, TokenChoiceRouter
+from mor_megatron.model.sequence_parallel import (
+    gather_sequence,
+    pad_attention_mask,
+    pad_rows,
+    padded_length,
+    split_sequence,
+)
 
 
 class MoRBlock(TransformerBlock):
@@ -66,6 +73,8 @@ class MoRBlock(TransformerBlock):
         """First-recursion K/V between the recursions of a micro-batch (kv_mode `shared`)."""
         self._active_masks: list[Tensor] | None = None
         """While :meth:`recording_active_masks` is open: each recursion's ``[b, s]`` active-token mask."""
+        self.gathers_sequence = config.sequence_parallel and recursion.routing != "none"
+        """Sequence parallelism with routing: the recursion loop runs on whole sequences (sequence_parallel.py)."""
 
     def _build_layers(self) -> None:
         """Build the unique layers this pipeline rank holds (all of them without pipeline parallelism)."""
@@ -171,7 +180,9 @@ class MoRBlock(TransformerBlock):
         if self.pre_process and chunks[0] == 0:
             state = self._start(hidden_states, attention_mask, rotary_pos_emb, aux_losses)
         else:
-            state = self.packing.unpack(self.input_tensor)
+            received = self.input_tensor
+            state = self.packing.unpack(gather_sequence(received, self.tp_group) if self.gathers_sequence
+                                        else received)
         recording = None
         with self._kv_share_sessions() as sessions:
             for r in chunks:
@@ -183,7 +194,7 @@ class MoRBlock(TransformerBlock):
 
         aux_loss = torch.stack(aux_losses).sum() if aux_losses else None
         if self.post_process and chunks[-1] == self.recursion.num_recursions - 1:
-            hidden = state.hidden
+            hidden = split_sequence(state.hidden, self.tp_group) if self.gathers_sequence else state.hidden
             first_suffix = self.layout.num_prefix + self.layout.num_shared
             for idx in range(first_suffix, first_suffix + self.layout.num_suffix):
                 hidden, _ = self._layer(idx)(hidden_states=hidden, attention_mask=attention_mask,
@@ -192,7 +203,9 @@ class MoRBlock(TransformerBlock):
             if self.final_layernorm is not None:
                 output = self.final_layernorm(output)
         else:
-            output = attach_aux_loss(self.packing.pack(state), aux_loss, self.aux_loss_scale)
+            packed = self.packing.pack(state)
+            packed = split_sequence(packed, self.tp_group) if self.gathers_sequence else packed
+            output = attach_aux_loss(packed, aux_loss, self.aux_loss_scale)
             if recording is not None:
                 output = SharedKV.return_grads(output, recording)
         return make_viewless_tensor(inp=output, requires_grad=True, keep_graph=True)
@@ -204,6 +217,8 @@ class MoRBlock(TransformerBlock):
         for idx in range(self.layout.num_prefix):
             hidden, _ = self._layer(idx)(hidden_states=hidden, attention_mask=attention_mask,
                                          rotary_pos_emb=rotary_pos_emb)
+        if self.gathers_sequence:
+            hidden = gather_sequence(hidden, self.tp_group)
         state = RecursionState(hidden=hidden)
         if isinstance(self.router, TokenChoiceRouter):
             state.depth, state.token_gate, aux, stats = self.router.assign(hidden)
@@ -260,14 +275,30 @@ class MoRBlock(TransformerBlock):
             session.queries = state.active if reuse_kv and not full else None
 
         x = state.hidden if state.active is None else state.work
+        if self.gathers_sequence:
+            x, kwargs = self._split_compacted(x, kwargs)
         for idx in self.layout.recursion_layers(r):
             if idx in self._local_index:
                 x, _ = self._layer(idx)(hidden_states=x, **kwargs)
         if state.active is None:
             state.hidden = x  # plain recursion: the block output is the stream
         else:
-            state.work = x
+            state.work = gather_sequence(x, self.tp_group)[: state.work.shape[0]] if self.gathers_sequence else x
         return self.shared_kv.record(sessions) if sessions is not None and r == 0 else None
+
+    def _split_compacted(self, work: Tensor, kwargs: dict) -> tuple[Tensor, dict]:
+        """Sequence parallelism: this rank's slice of the compacted tokens (padded to a multiple of tp), with
+        the per-token RoPE frequencies and mask padded alike."""
+        rows = padded_length(work.shape[0], self.tp_group.size())
+        rope, mask = kwargs["rotary_pos_emb"], kwargs["attention_mask"]
+        if isinstance(rope, tuple):  # KV reuse: (the queries' frequencies, the whole sequence's)
+            rope = (pad_rows(rope[0], rows), rope[1])
+        elif rope is not None:
+            rope = pad_rows(rope, rows)
+        # Under KV reuse the queries are spread to full length, so the caller's [b, 1, s, s] mask stays.
+        if mask is not None and mask.shape[-1] == work.shape[0]:
+            mask = pad_attention_mask(mask, rows)
+        return split_sequence(pad_rows(work, rows), self.tp_group), dict(rotary_pos_emb=rope, attention_mask=mask)
 
     def _combine(self, r: int, state: RecursionState) -> None:
         """Last rank: gate the active tokens' block output and write it into the residual stream."""

@@ -49,7 +49,7 @@ def transformer_config(model: ModelConfig, recursion: RecursionConfig, parallel:
         tensor_model_parallel_size=parallel.tensor_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_parallel_size,
         virtual_pipeline_model_parallel_size=virtual_pipeline_size(recursion, parallel),
-        sequence_parallel=False,
+        sequence_parallel=parallel.sequence_parallel,
         params_dtype=params_dtype,
         pipeline_dtype=params_dtype,
         bf16=bf16,
@@ -93,6 +93,9 @@ def build_model(model: ModelConfig, recursion: RecursionConfig, config: Transfor
         pg_collection=pg_collection,
     )
     if pp_size > 1:
+        # Under sequence parallelism megatron sends 1/tp of the boundary tensor's rows: they must divide.
         gpt.decoder.packing = PipelinePacking(seq_length=pipeline_seq_length, hidden_size=model.hidden_size,
-                                              routing=recursion.routing)
+                                              routing=recursion.routing,
+                                              row_multiple=get_pg_size(pg_collection.tp) if config.sequence_parallel
+                                              else 1)
     return gpt

@@ -79,6 +79,8 @@ class PipelinePacking:
     seq_length: int
     hidden_size: int
     routing: str
+    row_multiple: int = 1
+    """The packed rows are padded (zeros at the end) to a multiple of this (tp under sequence parallelism)."""
 
     @property
     def fields(self) -> tuple[str, ...]:
@@ -94,7 +96,8 @@ class PipelinePacking:
     @property
     def rows(self) -> int:
         """First-axis length of the packed tensor: the ``seq_length`` to give megatron's schedules."""
-        return sum(self._rows(name) for name in self.fields)
+        rows = sum(self._rows(name) for name in self.fields)
+        return -(-rows // self.row_multiple) * self.row_multiple
 
     def pack(self, state: RecursionState) -> Tensor:
         """Stack ``state`` into ``[rows, b, h]`` in the hidden states' dtype."""
@@ -111,7 +114,10 @@ class PipelinePacking:
             values["gate"] = active.scatter_rows(hidden.new_zeros(batch, self.seq_length), state.gate.t())
         parts = [values[name] if name in _SEQUENCE_FIELDS else self._scalar_rows(values[name].to(hidden.dtype))
                  for name in self.fields]
-        return torch.cat(parts, dim=0)
+        packed = torch.cat(parts, dim=0)
+        if packed.shape[0] < self.rows:
+            packed = torch.cat([packed, packed.new_zeros(self.rows - packed.shape[0], *packed.shape[1:])])
+        return packed
 
     def unpack(self, packed: Tensor) -> RecursionState:
         """Inverse of :meth:`pack`."""

@@ -40,6 +40,26 @@ def resolve_provider(requested: TransformerImpl, *, cuda_available: bool) -> Spe
     return requested
 
 
+class LocalNorm:
+    """megatron's torch norm (``WrappedTorchNorm``), usable under sequence parallelism too.
+
+    Each rank then normalises its own slice of the sequence, so the weights' gradients are partial sums:
+    marked ``sequence_parallel``, megatron's ``finalize_model_grads`` all-reduces them across the TP group
+    (what apex's and Transformer Engine's norms do; megatron's torch wrapper refuses sequence parallelism).
+    """
+
+    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **kwargs) -> torch.nn.Module:
+        if not config.sequence_parallel:
+            return WrappedTorchNorm(config, hidden_size, eps, **kwargs)
+        norms = {"RMSNorm": torch.nn.RMSNorm, "LayerNorm": torch.nn.LayerNorm}
+        if config.normalization not in norms:
+            raise ValueError(f"normalization {config.normalization!r} is not supported with sequence parallelism")
+        norm = norms[config.normalization](hidden_size, eps=eps)
+        for param in norm.parameters():
+            param.sequence_parallel = True
+        return norm
+
+
 def mor_layer_spec(provider: SpecProvider, *, core_attention: CoreAttention = "sdpa") -> ModuleSpec:
     """Llama-style layer (RMSNorm, SwiGLU via the config, RoPE) whose attention is :class:`MoRSelfAttention`.
 
@@ -52,6 +72,9 @@ def mor_layer_spec(provider: SpecProvider, *, core_attention: CoreAttention = "s
         base = get_gpt_layer_local_spec(normalization="RMSNorm")
     spec = copy.deepcopy(base)
     spec.submodules.self_attention.module = MoRSelfAttention
+    for name in ("input_layernorm", "pre_mlp_layernorm"):
+        if getattr(spec.submodules, name) is WrappedTorchNorm:  # megatron's choice when apex is missing
+            setattr(spec.submodules, name, LocalNorm)
     if provider == "local" and core_attention == "sdpa":
         spec.submodules.self_attention.submodules.core_attention = SDPAttention
     return spec
@@ -65,7 +88,7 @@ def mor_block_spec(layout: LayerLayout, provider: SpecProvider, *,
 
         final_norm = TENorm
     else:
-        final_norm = WrappedTorchNorm
+        final_norm = LocalNorm
     layer = mor_layer_spec(provider, core_attention=core_attention)
     return TransformerBlockSubmodules(layer_specs=[layer] * layout.num_unique_layers, layer_norm=final_norm)
 

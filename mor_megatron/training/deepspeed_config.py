@@ -45,7 +45,8 @@ def check_deepspeed_job(config: JobConfig, *, world_size: int, device_type: str)
     """Rules of the DeepSpeed path on top of :func:`mor_megatron.config.validate`; returns the resolved JSON.
 
     Raises:
-        ConfigError: pipeline parallelism is requested (the DeepSpeed path runs tensor x data parallel only),
+        ConfigError: pipeline or sequence parallelism is requested (the DeepSpeed path runs tensor x data
+            parallel only),
             ``deepspeed.config`` names a missing or malformed JSON, or the JSON conflicts with the config.
     """
     pp = config.parallel.pipeline_parallel_size
@@ -54,6 +55,11 @@ def check_deepspeed_job(config: JobConfig, *, world_size: int, device_type: str)
             f"parallel.pipeline_parallel_size={pp}: the DeepSpeed path (mor-pretrain-deepspeed) runs tensor x data "
             "parallel only; set parallel.pipeline_parallel_size=1, or use the Megatron path (mor-pretrain) for "
             "pipeline parallelism")
+    if config.parallel.sequence_parallel:
+        # Each TP rank's norm gradients are partial sums; megatron's finalize_model_grads adds them up, DeepSpeed
+        # does not.
+        raise ConfigError("parallel.sequence_parallel is not supported on the DeepSpeed path (its norm gradients "
+                          "would not be summed over the TP ranks); use the Megatron path (mor-pretrain)")
     tp = config.parallel.tensor_parallel_size
     if world_size % tp:
         raise ConfigError(f"world size {world_size} is not divisible by parallel.tensor_parallel_size={tp}")

@@ -39,7 +39,7 @@ def _save(model, path: Path, *, grads: bool) -> None:
             p.data = data
 
 
-def _run_variants(rank: int, world_size: int, *, tp: int, workdir: str) -> dict:
+def _run_variants(rank: int, world_size: int, *, tp: int, workdir: str, sequence_parallel: bool = False) -> dict:
     from megatron.core import dist_checkpointing, parallel_state
 
     from mor_megatron.config import ParallelConfig
@@ -51,7 +51,8 @@ def _run_variants(rank: int, world_size: int, *, tp: int, workdir: str) -> dict:
     results = {}
     for variant, (name, overrides) in VARIANTS.items():
         model_cfg, recursion = tiny(name, **overrides)
-        model = make_model(model_cfg, recursion, ctx.pg_collection, tp=tp, seed=3)
+        model = make_model(model_cfg, recursion, ctx.pg_collection, tp=tp, seed=3,
+                           sequence_parallel=sequence_parallel)
         init_dir = Path(workdir) / variant / "init"
         if tp == 1:
             if model.decoder.router is not None:  # make routing decisions non-trivial
@@ -72,9 +73,11 @@ def _run_variants(rank: int, world_size: int, *, tp: int, workdir: str) -> dict:
 
         MoRBlock._apply_shared = recording
         try:
-            tokens, positions = batch(model_cfg.vocab_size, batch_size=2, seq_length=24)
+            # 22 tokens: expert-choice keeps 14 and 7, so sequence parallelism pads the 7 to 8.
+            tokens, positions = batch(model_cfg.vocab_size, batch_size=2, seq_length=22)
             loss = model(tokens, positions, None, labels=tokens).mean()
             loss.backward()
+            _allreduce_sequence_parallel_grads(model)
         finally:
             MoRBlock._apply_shared = original
 
@@ -84,18 +87,32 @@ def _run_variants(rank: int, world_size: int, *, tp: int, workdir: str) -> dict:
             gathered = [torch.zeros_like(mask) for _ in range(tp)]
             torch.distributed.all_gather(gathered, mask, group=tp_group)
             assert all(torch.equal(g, mask) for g in gathered), f"{variant}: TP ranks routed differently"
-        _save(model, Path(workdir) / variant / f"grad_tp{tp}", grads=True)
+        _save(model, Path(workdir) / variant / _grad_dir(tp, sequence_parallel), grads=True)
         results[variant] = {"loss": loss.item(), "masks": [m.tolist() for m in masks]}
     return results
 
 
-def _compare_grads(rank: int, world_size: int, *, workdir: str) -> dict:
+def _allreduce_sequence_parallel_grads(model) -> None:
+    """What megatron's finalize_model_grads does under sequence parallelism: sum the partial gradients of the
+    parameters marked ``sequence_parallel`` (the norms) over the TP group."""
+    from megatron.core import parallel_state
+
+    for param in model.parameters():
+        if getattr(param, "sequence_parallel", False) and param.grad is not None:
+            torch.distributed.all_reduce(param.grad, group=parallel_state.get_tensor_model_parallel_group())
+
+
+def _grad_dir(tp: int, sequence_parallel: bool) -> str:
+    return f"grad_tp{tp}" + ("_sp" if sequence_parallel else "")
+
+
+def _compare_grads(rank: int, world_size: int, *, workdir: str, other: str) -> dict:
     from megatron.core import dist_checkpointing
 
     diffs = {}
     for variant in VARIANTS:
         tp1 = dist_checkpointing.load_plain_tensors(str(Path(workdir) / variant / "grad_tp1"))
-        tp2 = dist_checkpointing.load_plain_tensors(str(Path(workdir) / variant / "grad_tp2"))
+        tp2 = dist_checkpointing.load_plain_tensors(str(Path(workdir) / variant / other))
         assert tp1.keys() == tp2.keys()
         tensors = {k: v for k, v in tp1.items() if isinstance(v, torch.Tensor)}
         assert any("router" in k for k in tensors) == (variant != "none")
@@ -104,16 +121,26 @@ def _compare_grads(rank: int, world_size: int, *, workdir: str) -> dict:
     return diffs
 
 
+@pytest.fixture(scope="module")
+def tp1_reference(tmp_path_factory) -> tuple[str, dict]:
+    """Weights, losses, routing and gradients of every variant at TP=1."""
+    root = tmp_path_factory.mktemp("tp1")
+    workdir = str(root / "ckpt")
+    (ref,) = run_ranks(_run_variants, 1, root / "run", tp=1, workdir=workdir)
+    return workdir, ref
+
+
 @pytest.mark.dist
-def test_tp2_matches_tp1_loss_gradients_and_routing(tmp_path):
-    workdir = str(tmp_path / "ckpt")
-    (ref,) = run_ranks(_run_variants, 1, tmp_path / "tp1", tp=1, workdir=workdir)
-    tp2 = run_ranks(_run_variants, 2, tmp_path / "tp2", tp=2, workdir=workdir)
+@pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp2", "tp2_sp"])
+def test_tp2_matches_tp1_loss_gradients_and_routing(tp1_reference, sequence_parallel, tmp_path):
+    workdir, ref = tp1_reference
+    tp2 = run_ranks(_run_variants, 2, tmp_path / "tp2", tp=2, workdir=workdir, sequence_parallel=sequence_parallel)
     for variant in VARIANTS:
         for rank_result in tp2:
             assert abs(rank_result[variant]["loss"] - ref[variant]["loss"]) <= 1e-5, variant
             assert rank_result[variant]["masks"] == ref[variant]["masks"], f"{variant}: TP=2 routed unlike TP=1"
-    (diffs,) = run_ranks(_compare_grads, 1, tmp_path / "compare", workdir=workdir)
+    (diffs,) = run_ranks(_compare_grads, 1, tmp_path / "compare", workdir=workdir,
+                         other=_grad_dir(2, sequence_parallel))
     for variant, per_key in diffs.items():
         assert per_key.pop("_max_abs_grad") > 1e-4, f"{variant}: gradients are trivially zero"
         worst = max(per_key.items(), key=lambda kv: kv[1])

@@ -87,6 +87,23 @@ def test_tp2_pp2_trains_like_single_rank(reference, tmp_path):
 
 
 @pytest.mark.dist
+def test_tp2_pp2_with_sequence_parallel_trains_like_single_rank(reference, tmp_path):
+    """Sequence parallelism under TP x PP: the stage tensors travel split over the TP ranks (1/tp of the packed
+    rows each), routed recursions gather and re-split; 32 tokens keep 21 and 10 at recursions 2 and 3."""
+    ref_dir, ref = reference
+    names = ("recursive-r3", "mor-e-r3", "mor-t-r3", "mor-e-r3-kvshare")
+    variants = {}
+    for name in names:
+        spec = VARIANTS[name]
+        overrides = spec.get("overrides", {})
+        variants[name] = {**spec, "overrides": {**overrides, "parallel": {**overrides.get("parallel", {}),
+                                                                          "sequence_parallel": True}}}
+    results = run_ranks(run_variants, 4, tmp_path / "ranks", variants=_with_init(ref_dir, variants), tp=2, pp=2,
+                        steps=STEPS, timeout_s=600)
+    _assert_same_training({k: ref[k] for k in variants}, results, "tp2pp2 sequence-parallel")
+
+
+@pytest.mark.dist
 def test_checkpoint_moves_between_pp2_and_pp1(reference, tmp_path):
     """PP=2 -> PP=1 (resumed, saved again) -> PP=2, the same eval loss at every hop. The last hop reads the PP=1
     checkpoint, so it fails if that save is skipped (a missing checkpoint raises in the job)."""

@@ -21,10 +21,11 @@ def tiny(name: str, **recursion_overrides) -> tuple[ModelConfig, RecursionConfig
 
 
 def make_model(model: ModelConfig, recursion: RecursionConfig, pg_collection, *, tp: int = 1, seed: int = 0,
-               provider: str = "local"):
+               provider: str = "local", sequence_parallel: bool = False):
     """Build a MoRGPTModel in fp32 with a fixed seed (local layers unless ``provider`` says otherwise)."""
     torch.manual_seed(seed)
-    config = transformer_config(model, recursion, ParallelConfig(tensor_parallel_size=tp))
+    config = transformer_config(model, recursion, ParallelConfig(tensor_parallel_size=tp,
+                                                                 sequence_parallel=sequence_parallel))
     return build_model(model, recursion, config, pg_collection=pg_collection, provider=provider)
 
 

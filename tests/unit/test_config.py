@@ -81,6 +81,10 @@ BAD = [
     (["optim.warmup_steps=500"], "optim.warmup_steps=500 must be smaller than train.train_steps=100"),
     (["model.vocab_size=abc"], "model.vocab_size must be an integer"),
     (["preset=tiny-mor-x-r3"], "unknown preset 'tiny-mor-x-r3'"),
+    (["parallel.sequence_parallel=true"], "parallel.sequence_parallel needs parallel.tensor_parallel_size > 1"),
+    (["parallel.sequence_parallel=true", "parallel.tensor_parallel_size=2", "train.seq_length=63"],
+     "train.seq_length=63 is not divisible by parallel.tensor_parallel_size=2"),
+    (["parallel.collective_timeout_s=0"], "parallel.collective_timeout_s must be a number of seconds > 0"),
 ]
 
 

@@ -130,6 +130,12 @@ def test_the_deepspeed_path_refuses_pipeline_parallelism():
         check_deepspeed_job(config, world_size=4, device_type="cpu")
 
 
+def test_the_deepspeed_path_refuses_sequence_parallelism():
+    config = _config("parallel.tensor_parallel_size=2", "parallel.sequence_parallel=true")
+    with pytest.raises(ConfigError, match="parallel.sequence_parallel is not supported on the DeepSpeed path"):
+        check_deepspeed_job(config, world_size=2, device_type="cpu")
+
+
 def test_entry_point_check_exits_2_on_a_deepspeed_config_error(monkeypatch, capsys):
     from mor_megatron.pretrain_deepspeed import main
 
