@@ -269,7 +269,14 @@ class TrainConfig:
     seed: int = 1234
     precision: Precision = "auto"
     """`auto`: bf16 on GPU, fp32 on CPU."""
-    recompute: Literal["none", "selective"] = "none"
+    recompute: Literal["none", "selective", "full"] = "none"
+    """Activation recomputation (Megatron-LM's --recompute-granularity): `selective` keeps no attention
+    internals and recomputes the core attention in backward; `full` keeps only each layer's input and recomputes
+    the whole layer."""
+    recompute_recursions: tuple[int, ...] = ()
+    """The recursions of the shared block that recompute, counted from 1 (recursion 1 runs the most tokens, so
+    its activations are the largest); empty: all. Prefix and suffix layers recompute whenever train.recompute
+    is set."""
     exit_interval: int | None = None
     """Stop after a step that is a multiple of this, saving a checkpoint there (when checkpoint.save_dir is set),
     and exit 0 so that rerunning the command resumes (Megatron-LM's --exit-interval); None: never."""
@@ -289,6 +296,10 @@ class TrainConfig:
         _require(self.eval_steps >= 0, f"train.eval_steps must be >= 0, got {self.eval_steps}")
         _require(self.seq_length is None or self.seq_length >= 2,
                  f"train.seq_length must be >= 2, got {self.seq_length}")
+        if isinstance(self.recompute_recursions, list):
+            self.recompute_recursions = tuple(self.recompute_recursions)
+        _require(not self.recompute_recursions or self.recompute != "none",
+                 "train.recompute_recursions needs train.recompute 'selective' or 'full'")
 
 
 @dataclass(kw_only=True)
@@ -718,6 +729,12 @@ def validate(config: JobConfig, world_size: int | None = None) -> None:
     _require(config.optim.warmup_steps < train.train_steps,
              f"optim.warmup_steps={config.optim.warmup_steps} must be smaller than train.train_steps="
              f"{train.train_steps}")
+    bad = [r for r in train.recompute_recursions if not 1 <= r <= rec.num_recursions]
+    _require(not bad, f"train.recompute_recursions={list(train.recompute_recursions)}: recursions are counted "
+             f"1..{rec.num_recursions} (recursion.num_recursions)")
+    # The recomputed forward would run outside the KV-share session that spreads the reused queries.
+    _require(train.recompute == "none" or rec.kv_mode != "shared",
+             "train.recompute is not supported with recursion.kv_mode='shared' yet; set train.recompute=none")
     if rec.routing == "expert_choice":
         _require(int(min(rec.effective_capacities) * config.seq_length) >= 1,
                  f"recursion.capacities select no token at the last recursion for seq_length={config.seq_length}")

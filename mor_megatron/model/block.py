@@ -20,6 +20,7 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
+from megatron.core import tensor_parallel
 from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
 from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules
@@ -73,6 +74,9 @@ class MoRBlock(TransformerBlock):
         """First-recursion K/V between the recursions of a micro-batch (kv_mode `shared`)."""
         self._active_masks: list[Tensor] | None = None
         """While :meth:`recording_active_masks` is open: each recursion's ``[b, s]`` active-token mask."""
+        self.recompute_recursions: frozenset[int] | None = None
+        """0-based recursions of the shared block that recompute (``config.recompute_granularity``); None: all.
+        Set by the builder."""
         self.gathers_sequence = config.sequence_parallel and recursion.routing != "none"
         """Sequence parallelism with routing: the recursion loop runs on whole sequences (sequence_parallel.py)."""
 
@@ -111,6 +115,23 @@ class MoRBlock(TransformerBlock):
 
     def _layer(self, global_idx: int):
         return self.layers[self._local_index[global_idx]]
+
+    def _run_layer(self, global_idx: int, hidden: Tensor, recursion_idx: int | None, *,
+                   attention_mask: Tensor | None, rotary_pos_emb) -> Tensor:
+        """One layer's output, recomputed in backward as ``config.recompute_granularity`` says for this call:
+        unique layers (``recursion_idx`` None) always, shared ones in ``recompute_recursions``."""
+        layer = self._layer(global_idx)
+        granularity = self.config.recompute_granularity
+        recomputes = granularity is not None and (recursion_idx is None or self.recompute_recursions is None
+                                                  or recursion_idx in self.recompute_recursions)
+        if granularity == "selective":  # megatron reads the flag at each forward
+            layer.self_attention.checkpoint_core_attention = recomputes
+        elif recomputes and self.training and torch.is_grad_enabled():
+            def run(hidden: Tensor, attention_mask: Tensor | None, rotary_pos_emb) -> Tensor:
+                return layer(hidden_states=hidden, attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb)[0]
+
+            return tensor_parallel.checkpoint(run, False, hidden, attention_mask, rotary_pos_emb)
+        return layer(hidden_states=hidden, attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb)[0]
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
         """Checkpoint keys ``layers.<global unique index>.*`` (never stacked along depth).
@@ -197,8 +218,8 @@ class MoRBlock(TransformerBlock):
             hidden = split_sequence(state.hidden, self.tp_group) if self.gathers_sequence else state.hidden
             first_suffix = self.layout.num_prefix + self.layout.num_shared
             for idx in range(first_suffix, first_suffix + self.layout.num_suffix):
-                hidden, _ = self._layer(idx)(hidden_states=hidden, attention_mask=attention_mask,
-                                             rotary_pos_emb=rotary_pos_emb)
+                hidden = self._run_layer(idx, hidden, None, attention_mask=attention_mask,
+                                         rotary_pos_emb=rotary_pos_emb)
             output = attach_aux_loss(hidden, aux_loss, self.aux_loss_scale)
             if self.final_layernorm is not None:
                 output = self.final_layernorm(output)
@@ -215,8 +236,7 @@ class MoRBlock(TransformerBlock):
         """Prefix layers, then token-choice depth assignment: the state the first recursion starts from."""
         hidden = make_viewless_tensor(inp=embedded, requires_grad=True, keep_graph=True)
         for idx in range(self.layout.num_prefix):
-            hidden, _ = self._layer(idx)(hidden_states=hidden, attention_mask=attention_mask,
-                                         rotary_pos_emb=rotary_pos_emb)
+            hidden = self._run_layer(idx, hidden, None, attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb)
         if self.gathers_sequence:
             hidden = gather_sequence(hidden, self.tp_group)
         state = RecursionState(hidden=hidden)
@@ -279,7 +299,7 @@ class MoRBlock(TransformerBlock):
             x, kwargs = self._split_compacted(x, kwargs)
         for idx in self.layout.recursion_layers(r):
             if idx in self._local_index:
-                x, _ = self._layer(idx)(hidden_states=x, **kwargs)
+                x = self._run_layer(idx, x, r, **kwargs)
         if state.active is None:
             state.hidden = x  # plain recursion: the block output is the stream
         else:

@@ -60,17 +60,23 @@ def transformer_config(model: ModelConfig, recursion: RecursionConfig, parallel:
         # in the wrong order on transports that match messages by order (gloo). megatron's unbatched path
         # orders sends and receives by rank parity and is correct everywhere.
         batch_p2p_comm=False,
-        recompute_granularity="selective" if recompute == "selective" else None,
+        # `full` is run by MoRBlock itself (per recursion); megatron's validation wants a method and chunk for it.
+        recompute_granularity=None if recompute == "none" else recompute,
+        recompute_method="uniform" if recompute == "full" else None,
+        recompute_num_layers=1 if recompute == "full" else None,
     )
 
 
 def build_model(model: ModelConfig, recursion: RecursionConfig, config: TransformerConfig, *, pg_collection,
-                provider: SpecProvider | None = None, pipeline_seq_length: int | None = None) -> MoRGPTModel:
+                provider: SpecProvider | None = None, pipeline_seq_length: int | None = None,
+                recompute_recursions: tuple[int, ...] = ()) -> MoRGPTModel:
     """Instantiate this rank's part of the MoR model (for R = 1 and routing `none`, the vanilla Llama GPT).
 
     Without pipeline parallelism that is the whole model. With it, the rank holds its slice of the shared block
     (plus embedding and prefix on the first rank, suffix and output layer on the last) and runs one recursion
     per call; ``pipeline_seq_length`` (the training sequence length) fixes the stage-boundary tensor's shape.
+    ``recompute_recursions`` (counted from 1; empty: all) limits ``config.recompute_granularity`` in the shared
+    block to those recursions.
     """
     layout = layer_layout(model, recursion)
     block_spec = mor_block_spec(layout, provider or default_provider(model.transformer_impl),
@@ -92,6 +98,7 @@ def build_model(model: ModelConfig, recursion: RecursionConfig, config: Transfor
         rotary_base=model.rotary_base,
         pg_collection=pg_collection,
     )
+    gpt.decoder.recompute_recursions = frozenset(r - 1 for r in recompute_recursions) or None
     if pp_size > 1:
         # Under sequence parallelism megatron sends 1/tp of the boundary tensor's rows: they must divide.
         gpt.decoder.packing = PipelinePacking(seq_length=pipeline_seq_length, hidden_size=model.hidden_size,

@@ -181,7 +181,8 @@ class DeepSpeedEngine:
         mcore_config = transformer_config(cfg.model, cfg.recursion, cfg.parallel, params_dtype=self.params_dtype,
                                           use_cpu_initialization=self.ctx.device.type == "cpu",
                                           recompute=cfg.train.recompute)
-        model = build_model(cfg.model, cfg.recursion, mcore_config, pg_collection=self.ctx.pg_collection)
+        model = build_model(cfg.model, cfg.recursion, mcore_config, pg_collection=self.ctx.pg_collection,
+                            recompute_recursions=cfg.train.recompute_recursions)
         model.set_aux_loss_scale(1.0 / self.num_microbatches)
         model.to(self.ctx.device)
         return Float16Module(mcore_config, model) if self.params_dtype == torch.bfloat16 else model

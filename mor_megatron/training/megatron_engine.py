@@ -84,7 +84,8 @@ class MegatronEngine:
                                           recompute=cfg.train.recompute)
         pipelined = self.ctx.dims.pp > 1
         model = build_model(cfg.model, cfg.recursion, mcore_config, pg_collection=self.ctx.pg_collection,
-                            pipeline_seq_length=cfg.seq_length if pipelined else None)
+                            pipeline_seq_length=cfg.seq_length if pipelined else None,
+                            recompute_recursions=cfg.train.recompute_recursions)
         model.set_aux_loss_scale(1.0 / self.num_microbatches)
         model.to(self.ctx.device)
         if self.params_dtype == torch.bfloat16:
