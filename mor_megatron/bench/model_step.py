@@ -73,10 +73,11 @@ def bench_model_config(preset_name: str, *, hidden_size: int | None, seq_length:
 
 
 def build_bench_model(model: ModelConfig, recursion: RecursionConfig, *, pg_collection, device: torch.device,
-                      dtype: torch.dtype, seed: int = 0) -> torch.nn.Module:
-    """One benchmarked model on ``device``: seeded init, local layers, bf16 wrapped in ``Float16Module``."""
+                      dtype: torch.dtype, seed: int = 0, parallel: ParallelConfig | None = None) -> torch.nn.Module:
+    """One benchmarked model on ``device``: seeded init, local layers, bf16 wrapped in ``Float16Module``; one
+    rank's part of it under ``parallel`` (tensor and sequence parallelism; default: a single rank)."""
     torch.manual_seed(seed)
-    config = transformer_config(model, recursion, ParallelConfig(), params_dtype=dtype)
+    config = transformer_config(model, recursion, parallel or ParallelConfig(), params_dtype=dtype)
     built = build_model(model, recursion, config, pg_collection=pg_collection, provider="local")
     if dtype == torch.bfloat16:
         built = Float16Module(config, built)

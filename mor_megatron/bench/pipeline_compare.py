@@ -63,7 +63,9 @@ def _worker(args: argparse.Namespace) -> None:
                   "params": sum(p.numel() for p in engine.model.parameters()),
                   "num_microbatches": engine.num_microbatches,
                   "virtual_stages": virtual_pipeline_size(config.recursion, config.parallel) or 1}
-        print(_RESULT_PREFIX + json.dumps(result), flush=True)
+        # One write per line: torchrun's workers share the pipe, and print() writes the newline apart.
+        sys.stdout.write(_RESULT_PREFIX + json.dumps(result) + "\n")
+        sys.stdout.flush()
     finally:
         destroy_distributed()
 

@@ -6,6 +6,7 @@
     mor-bench pipeline [--pp 2] [--preset tiny-mor-e-r3] [--json]       (launches torchrun jobs)
     mor-bench infer [--preset tiny-mor-e-r3] [--num-requests 32] [--json]
     mor-bench deepspeed [...]                                           (ZeRO-1/2/3 vs the Megatron path)
+    mor-bench memory [--presets 135m-mor-e-r2 360m-mor-e-r2] [--tensor-parallel 2]   (paper shapes, seq 2048)
 
 ``model`` times one forward+backward; ``train`` trains both models with AdamW on the same batches and also
 measures peak memory (method: :mod:`mor_megatron.bench.train_compare`). Both run as one process (a 1-rank
@@ -101,6 +102,7 @@ _DELEGATED = {
     "pipeline": "mor_megatron.bench.pipeline_compare",
     "infer": "mor_megatron.bench.infer_compare",
     "deepspeed": "mor_megatron.bench.deepspeed_compare",
+    "memory": "mor_megatron.bench.memory_compare",
 }
 
 

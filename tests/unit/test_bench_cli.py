@@ -65,3 +65,24 @@ def test_train_refuses_an_unknown_preset():
     result = _bench("train", "--preset", "tiny-mor-e-r9", *TINY, "--steps", "1")
     assert result.returncode == 2
     assert "unknown preset 'tiny-mor-e-r9'" in result.stderr
+
+
+def test_memory_measures_one_model_at_a_time_and_sequence_parallel_activations():
+    values = _json_line(_bench("memory", "--presets", "tiny-mor-e-r2", "--seq-length", "32", "--tensor-parallel", "2",
+                               "--json"))
+    mor, vanilla = values["pairs"]["tiny-mor-e-r2"]
+    for model in (mor, vanilla):
+        # fp32 weights and AdamW's two moments, counted from the parameter total, plus buffers and the batch.
+        assert 12 * model["parameters"] <= model["resident_bytes"] < 12.2 * model["parameters"]
+        assert model["step_peak_bytes"] > 0 and model["saved_bytes_per_token"] > 0
+    assert mor["parameters"] < vanilla["parameters"]
+    assert values["paper_memory_ratio"] == 0.75
+    # Each TP rank keeps fewer activation bytes per token once norms and residuals hold half the sequence.
+    assert [rank["rank"] for rank in values["tp_ranks"]] == [0, 1]
+    for rank in values["tp_ranks"]:
+        assert rank["mor_sp1"] < rank["mor_sp0"] and rank["vanilla_sp1"] < rank["vanilla_sp0"]
+
+
+def test_memory_refuses_an_unknown_preset():
+    result = _bench("memory", "--presets", "135m-mor-e-r9")
+    assert result.returncode == 2 and "unknown preset '135m-mor-e-r9'" in result.stderr
