@@ -265,6 +265,11 @@ class TrainConfig:
     """Training sequence length; defaults to model.max_seq_length."""
     eval_interval: int = 50
     eval_steps: int = 4
+    eval_mode: Literal["megatron", "fixed"] = "megatron"
+    """Which validation samples exist. `megatron` (Megatron-LM's sizing): ``eval_steps`` global batches for each of
+    the ``train_steps // eval_interval + 1`` evaluations, so the shuffled validation set, and what an evaluation
+    reads, change with ``train_steps``. `fixed`: exactly ``eval_steps`` global batches, the same sequences for
+    every evaluation and for every run of the same data, whatever its length (compare runs with this)."""
     log_interval: int = 10
     seed: int = 1234
     precision: Precision = "auto"

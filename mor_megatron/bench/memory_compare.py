@@ -2,17 +2,18 @@
 activations each tensor-parallel rank keeps with and without sequence parallelism.
 
 ``mor-bench memory`` measures, for each MoR preset (default the paper's N_r = 2 models at 135M and 360M, seq
-2048, batch 1, fp32), the preset and its vanilla baseline **one model at a time** (the other is freed first,
-so a 360M pair fits in 24 GiB of host memory): peak training memory = resident tensors (weights, AdamW state,
+2048, batch 1, fp32), the preset and its vanilla baseline **one model per process** (so a 360M pair needs the
+host memory of one model, not of both): peak training memory = resident tensors (weights, AdamW state,
 batch) + the in-step peak above them (activations, gradients, temporaries), with the method of
 :mod:`mor_megatron.bench.train_compare` (CUDA's allocator statistics on GPU, ``torch.profiler`` memory events on
 CPU), and the bytes of activations saved for backward per token (``saved_tensors_hooks`` during one forward,
 distinct storages, parameters excluded). It prints the MoR/vanilla ratio beside the paper's 0.75 (25% less
 peak memory for MoR N_r = 2 at 360M).
 
-With ``--tensor-parallel N`` it also launches N processes (torchrun, gloo on CPU) that build the last preset
-and its baseline at TP=N without and with ``parallel.sequence_parallel`` and report, per rank, the saved
-activation bytes per token: sequence parallelism keeps 1/N of the norm, residual and dropout activations.
+With ``--tensor-parallel N`` it also launches N processes (torchrun, gloo on CPU) that build ``--tp-preset``
+(default the 730M MoR N_r = 2: the 135M and 360M shapes have 9 and 15 heads, which TP=2 cannot split) and its
+baseline at TP=N without and with ``parallel.sequence_parallel`` and report, per rank, the saved activation
+bytes per token: sequence parallelism keeps 1/N of the norm, residual and dropout activations.
 A benchmark, not a test: it asserts nothing.
 """
 
@@ -68,33 +69,67 @@ def saved_activation_bytes(model: torch.nn.Module, batch: torch.Tensor) -> int:
     return sum(saved.values())
 
 
-def measure(preset_name: str, *, seq_length: int, batch_size: int, dtype: torch.dtype) -> list[ModelMemory]:
-    """The preset and its vanilla baseline, one after the other, on a 1-rank job's device."""
+def _measure_worker(args: argparse.Namespace) -> None:
+    """One model in this fresh process (``--baseline``: the preset's vanilla model): its :class:`ModelMemory`."""
     from mor_megatron.bench.model_step import bench_model_config, build_bench_model, vanilla_of_same_depth
     from mor_megatron.bench.train_compare import BenchModel, measure_step_memory, text_batches
     from mor_megatron.config import ParallelConfig
     from mor_megatron.runtime import destroy_distributed, init_distributed
 
-    model_cfg, recursion = bench_model_config(preset_name, hidden_size=None, seq_length=seq_length)
-    base_cfg, base_recursion = vanilla_of_same_depth(model_cfg, recursion)
-    batches = text_batches(3, batch_size=batch_size, seq_length=seq_length)
+    (preset_name,) = args.presets
+    model_cfg, recursion = bench_model_config(preset_name, hidden_size=None, seq_length=args.seq_length)
+    name = preset_name
+    if args.baseline:
+        model_cfg, recursion = vanilla_of_same_depth(model_cfg, recursion)
+        name = f"vanilla ({model_cfg.num_layers} layers)"
     ctx = init_distributed(ParallelConfig(), seed=0)
-    results = []
     try:
-        for name, (m, r) in ((preset_name, (model_cfg, recursion)),
-                             (f"vanilla ({base_cfg.num_layers} layers)", (base_cfg, base_recursion))):
-            trainee = BenchModel(build_bench_model(m, r, pg_collection=ctx.pg_collection, device=ctx.device,
-                                                   dtype=dtype), lr=3e-4)
-            on_device = [b.to(ctx.device) for b in batches]
-            resident, step_peak = measure_step_memory(trainee, (on_device[0], on_device[1]), ctx.device)
-            saved = saved_activation_bytes(trainee.model, on_device[2])
-            results.append(ModelMemory(name, sum(p.numel() for p in trainee.model.parameters()), resident,
-                                       step_peak, saved / (batch_size * seq_length)))
-            del trainee, on_device
-            gc.collect()
+        batches = [b.to(ctx.device) for b in text_batches(3, batch_size=args.batch_size, seq_length=args.seq_length)]
+        trainee = BenchModel(build_bench_model(model_cfg, recursion, pg_collection=ctx.pg_collection,
+                                               device=ctx.device, dtype=_DTYPES[args.dtype]), lr=3e-4)
+        resident, step_peak = measure_step_memory(trainee, (batches[0], batches[1]), ctx.device)
+        saved = saved_activation_bytes(trainee.model, batches[2])
+        result = ModelMemory(name, sum(p.numel() for p in trainee.model.parameters()), resident, step_peak,
+                             saved / (args.batch_size * args.seq_length))
     finally:
         destroy_distributed()
+    _emit(asdict(result))
+
+
+def measure(args: argparse.Namespace, preset_name: str) -> list[ModelMemory]:
+    """The preset and its vanilla baseline, each in a process of its own: memory freed by one model is not
+    always returned to the system (the C allocator keeps it), so two 360M models in one process would need
+    the memory of both."""
+    results = []
+    for baseline in (False, True):
+        command = [sys.executable, "-m", "mor_megatron.bench.memory_compare", "--measure-one", "--presets",
+                   preset_name, f"--seq-length={args.seq_length}", f"--batch-size={args.batch_size}",
+                   f"--dtype={args.dtype}", *(["--baseline"] if baseline else [])]
+        (line,) = _result_lines(_run(command, args.timeout_s, f"measuring {preset_name}"))
+        results.append(ModelMemory(**line))
     return results
+
+
+def _emit(result: dict) -> None:
+    # One write per line: torchrun's workers share the pipe (unbuffered), and print() writes the newline apart.
+    sys.stdout.write(_RESULT_PREFIX + json.dumps(result) + "\n")
+    sys.stdout.flush()
+
+
+def _run(command: list[str], timeout_s: float, what: str) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    # glibc serves blocks below its (growing) mmap threshold from heaps that keep freed memory: at 360M the
+    # process would hold ~2x its peak of live tensors. A fixed 1 MiB threshold maps large tensors and returns
+    # them on free, so the host memory tracks the tensors measured (measurements are of tensors either way).
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", str(2**20))
+    out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout_s)
+    if out.returncode != 0:
+        raise RuntimeError(f"{what} failed (exit {out.returncode}):\n{out.stderr[-4000:]}")
+    return out.stdout
+
+
+def _result_lines(stdout: str) -> list[dict]:
+    return [json.loads(line[len(_RESULT_PREFIX):]) for line in stdout.splitlines() if line.startswith(_RESULT_PREFIX)]
 
 
 def _sequence_parallel_worker(args: argparse.Namespace) -> None:
@@ -104,7 +139,7 @@ def _sequence_parallel_worker(args: argparse.Namespace) -> None:
     from mor_megatron.config import ParallelConfig
     from mor_megatron.runtime import destroy_distributed, init_distributed
 
-    model_cfg, recursion = bench_model_config(args.presets[-1], hidden_size=None, seq_length=args.seq_length)
+    model_cfg, recursion = bench_model_config(args.tp_preset, hidden_size=None, seq_length=args.seq_length)
     base_cfg, base_recursion = vanilla_of_same_depth(model_cfg, recursion)
     (batch,) = text_batches(1, batch_size=args.batch_size, seq_length=args.seq_length)
     tokens = args.batch_size * args.seq_length
@@ -121,9 +156,7 @@ def _sequence_parallel_worker(args: argparse.Namespace) -> None:
                 gc.collect()
         finally:
             destroy_distributed(keep_process_group=True)
-    # One write per line: torchrun's workers share the pipe (unbuffered), and print() writes the newline apart.
-    sys.stdout.write(_RESULT_PREFIX + json.dumps({"rank": torch.distributed.get_rank(), **result}) + "\n")
-    sys.stdout.flush()
+    _emit({"rank": torch.distributed.get_rank(), **result})
     torch.distributed.destroy_process_group()
 
 
@@ -131,17 +164,13 @@ def sequence_parallel_activations(args: argparse.Namespace) -> list[dict]:
     """Launch the TP workers with torchrun; their per-rank results."""
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.tensor_parallel}",
                "--master-addr=127.0.0.1", f"--master-port={args.port}", "-m", "mor_megatron.bench.memory_compare",
-               "--worker", f"--tensor-parallel={args.tensor_parallel}", f"--seq-length={args.seq_length}",
-               f"--batch-size={args.batch_size}", f"--dtype={args.dtype}", "--presets", *args.presets]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=args.timeout_s)
-    if out.returncode != 0:
-        raise RuntimeError(f"the TP={args.tensor_parallel} workers failed:\n{out.stderr[-4000:]}")
-    return sorted((json.loads(line[len(_RESULT_PREFIX):]) for line in out.stdout.splitlines()
-                   if line.startswith(_RESULT_PREFIX)), key=lambda r: r["rank"])
+               "--tp-worker", f"--tensor-parallel={args.tensor_parallel}", f"--seq-length={args.seq_length}",
+               f"--batch-size={args.batch_size}", f"--dtype={args.dtype}", f"--tp-preset={args.tp_preset}"]
+    stdout = _run(command, args.timeout_s, f"the TP={args.tensor_parallel} workers")
+    return sorted(_result_lines(stdout), key=lambda r: r["rank"])
 
 
-def format_report(args: argparse.Namespace, pairs: dict[str, list[ModelMemory]], ranks: list[dict]) -> str:
+def format_pairs(args: argparse.Namespace, pairs: dict[str, list[ModelMemory]]) -> str:
     lines = [f"peak training memory, seq {args.seq_length} x batch {args.batch_size}, {args.dtype}, one model at a "
              "time (resident = weights + AdamW state + batch; in-step = activations, grads, temporaries)",
              f"{'model':<24}{'params':>14}{'resident MiB':>14}{'in-step MiB':>13}{'peak MiB':>10}"
@@ -154,12 +183,15 @@ def format_report(args: argparse.Namespace, pairs: dict[str, list[ModelMemory]],
         lines.append(f"ratio {preset_name}/vanilla: peak memory {mor.peak_bytes / vanilla.peak_bytes:.3f} (paper, "
                      f"MoR N_r=2 at 360M: {PAPER_MEMORY_RATIO})   saved activations "
                      f"{mor.saved_bytes_per_token / vanilla.saved_bytes_per_token:.3f}")
-    if ranks:
-        lines.append(f"activations saved for backward per token and rank, {args.presets[-1]} and its baseline at "
-                     f"TP={args.tensor_parallel} (KiB; largest rank)")
-        for name in ("mor", "vanilla"):
-            off, on = (max(r[f"{name}_sp{sp}"] for r in ranks) / 1024 for sp in (0, 1))
-            lines.append(f"  {name:<8} sequence parallel off {off:8.1f}   on {on:8.1f}   ratio {on / off:.3f}")
+    return "\n".join(lines)
+
+
+def format_ranks(args: argparse.Namespace, ranks: list[dict]) -> str:
+    lines = [f"activations saved for backward per token and rank, {args.tp_preset} and its baseline at "
+             f"TP={args.tensor_parallel}, seq {args.seq_length} x batch {args.batch_size} (KiB; largest rank)"]
+    for name in ("mor", "vanilla"):
+        off, on = (max(r[f"{name}_sp{sp}"] for r in ranks) / 1024 for sp in (0, 1))
+        lines.append(f"  {name:<8} sequence parallel off {off:8.1f}   on {on:8.1f}   ratio {on / off:.3f}")
     return "\n".join(lines)
 
 
@@ -175,30 +207,44 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tensor-parallel", type=int, default=0,
                         help="also measure activations per rank at this TP size, without and with sequence "
                              "parallelism (0: skip)")
+    parser.add_argument("--tp-preset", default="730m-mor-e-r2",
+                        help="the MoR preset of the --tensor-parallel measurement (its heads must divide by N)")
     parser.add_argument("--port", type=int, default=29561)
     parser.add_argument("--timeout-s", type=float, default=3600)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--tp-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--measure-one", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--baseline", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.worker:
+    if args.tp_worker:
         _sequence_parallel_worker(args)
+        return 0
+    if args.measure_one:
+        _measure_worker(args)
         return 0
     from mor_megatron.config import ConfigError, preset
 
     try:
         for name in args.presets:
             preset(name)
+        if args.tensor_parallel > 1:
+            model, _ = preset(args.tp_preset)
+            for field in ("num_attention_heads", "num_query_groups", "ffn_hidden_size"):
+                if getattr(model, field) % args.tensor_parallel:
+                    raise ConfigError(f"--tp-preset {args.tp_preset}: model.{field}={getattr(model, field)} is not "
+                                      f"divisible by --tensor-parallel {args.tensor_parallel}")
     except ConfigError as err:
         print(f"mor-bench memory: error: {err}", file=sys.stderr)
         return 2
-    pairs = {name: measure(name, seq_length=args.seq_length, batch_size=args.batch_size, dtype=_DTYPES[args.dtype])
-             for name in args.presets}
+    pairs = {name: measure(args, name) for name in args.presets}
+    if not args.json:
+        print(format_pairs(args, pairs), flush=True)
     ranks = sequence_parallel_activations(args) if args.tensor_parallel > 1 else []
     if args.json:
         print(json.dumps({"pairs": {k: [asdict(m) for m in v] for k, v in pairs.items()}, "tp_ranks": ranks,
                           "paper_memory_ratio": PAPER_MEMORY_RATIO}))
-    else:
-        print(format_report(args, pairs, ranks))
+    elif ranks:
+        print(format_ranks(args, ranks))
     return 0
 
 

@@ -6,6 +6,7 @@
     mor-bench pipeline [--pp 2] [--preset tiny-mor-e-r3] [--json]       (launches torchrun jobs)
     mor-bench infer [--preset tiny-mor-e-r3] [--num-requests 32] [--json]
     mor-bench deepspeed [...]                                           (ZeRO-1/2/3 vs the Megatron path)
+    mor-bench isoflop [--budgets 2e12 5e12] [--seeds 1 2]                 (trains models to equal FLOPs)
     mor-bench memory [--presets 135m-mor-e-r2 360m-mor-e-r2] [--tensor-parallel 2]   (paper shapes, seq 2048)
 
 ``model`` times one forward+backward; ``train`` trains both models with AdamW on the same batches and also
@@ -103,6 +104,7 @@ _DELEGATED = {
     "infer": "mor_megatron.bench.infer_compare",
     "deepspeed": "mor_megatron.bench.deepspeed_compare",
     "memory": "mor_megatron.bench.memory_compare",
+    "isoflop": "mor_megatron.bench.isoflop",
 }
 
 

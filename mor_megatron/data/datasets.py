@@ -94,10 +94,11 @@ def num_samples_for(train: TrainConfig) -> tuple[int, int, int]:
     """(train, valid, test) sample counts for a run, as Megatron-LM sizes them.
 
     train: every step's global batch; valid: ``eval_steps`` global batches at each of the
-    ``train_steps // eval_interval + 1`` evaluations; test: one evaluation.
+    ``train_steps // eval_interval + 1`` evaluations (``train.eval_mode`` `fixed`: one evaluation's, so the
+    shuffled validation set does not depend on ``train_steps``); test: one evaluation.
     """
     global_batch = train.global_batch_size
-    evals = train.train_steps // train.eval_interval + 1
+    evals = 1 if train.eval_mode == "fixed" else train.train_steps // train.eval_interval + 1
     return (train.train_steps * global_batch, evals * train.eval_steps * global_batch,
             train.eval_steps * global_batch)
 

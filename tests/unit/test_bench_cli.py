@@ -69,7 +69,7 @@ def test_train_refuses_an_unknown_preset():
 
 def test_memory_measures_one_model_at_a_time_and_sequence_parallel_activations():
     values = _json_line(_bench("memory", "--presets", "tiny-mor-e-r2", "--seq-length", "32", "--tensor-parallel", "2",
-                               "--json"))
+                               "--tp-preset", "tiny-mor-e-r2", "--json"))
     mor, vanilla = values["pairs"]["tiny-mor-e-r2"]
     for model in (mor, vanilla):
         # fp32 weights and AdamW's two moments, counted from the parameter total, plus buffers and the batch.
@@ -83,6 +83,9 @@ def test_memory_measures_one_model_at_a_time_and_sequence_parallel_activations()
         assert rank["mor_sp1"] < rank["mor_sp0"] and rank["vanilla_sp1"] < rank["vanilla_sp0"]
 
 
-def test_memory_refuses_an_unknown_preset():
+def test_memory_refuses_an_unknown_preset_and_a_shape_tp_cannot_split():
     result = _bench("memory", "--presets", "135m-mor-e-r9")
     assert result.returncode == 2 and "unknown preset '135m-mor-e-r9'" in result.stderr
+    result = _bench("memory", "--tensor-parallel", "2", "--tp-preset", "360m-mor-e-r2")
+    assert result.returncode == 2
+    assert "model.num_attention_heads=15 is not divisible by --tensor-parallel 2" in result.stderr

@@ -356,6 +356,28 @@ def test_split_document_counts_match_megatron():
 def test_num_samples_for_sizes_like_megatron():
     train = TrainConfig(train_steps=100, global_batch_size=8, eval_interval=50, eval_steps=2)
     assert num_samples_for(train) == (800, 3 * 2 * 8, 16)
+    fixed = TrainConfig(train_steps=100, global_batch_size=8, eval_interval=50, eval_steps=2, eval_mode="fixed")
+    assert num_samples_for(fixed) == (800, 16, 16)
+
+
+def test_fixed_eval_mode_scores_the_same_sequences_whatever_the_run_length(tmp_path, prefix, tokenizer_model,
+                                                                           tokenizer):
+    """Two runs of different lengths: Megatron-LM's sizing shuffles a validation set of another size (several
+    epochs of the small split), so their evaluations read other sequences; the fixed mode reads the same."""
+    data = _data_config(prefix, tokenizer_model, tmp_path)
+
+    def evaluated_tokens(train_steps: int, eval_mode: str) -> torch.Tensor:
+        train = TrainConfig(train_steps=train_steps, global_batch_size=8, eval_interval=10, eval_steps=2,
+                            eval_mode=eval_mode)
+        _, valid, _ = build_gpt_datasets(data, seq_length=32, num_samples=num_samples_for(train), tokenizer=tokenizer)
+        return torch.stack([valid[i]["tokens"] for i in range(train.eval_steps * train.global_batch_size)])
+
+    short, long = (num_samples_for(TrainConfig(train_steps=n, global_batch_size=8, eval_interval=10, eval_steps=2))[1]
+                   for n in (100, 400))
+    _, one_epoch, _ = build_gpt_datasets(data, seq_length=32, num_samples=(8, 1, 1), tokenizer=tokenizer)
+    assert len(one_epoch) < short < long  # both runs need several epochs of the validation split
+    assert not torch.equal(evaluated_tokens(100, "megatron"), evaluated_tokens(400, "megatron"))
+    assert torch.equal(evaluated_tokens(100, "fixed"), evaluated_tokens(400, "fixed"))
 
 
 # --------------------------------------------------------------------------------------------------- sampler
