@@ -115,9 +115,10 @@ def training_split_tokens(prefix: str) -> int:
 
     from mor_megatron.data.datasets import split_document_counts
 
-    lengths = IndexedDataset(prefix).sequence_lengths
+    dataset = IndexedDataset(prefix)  # its lengths are a view of the index's memory map: keep it open while read
+    lengths = dataset.sequence_lengths
     train_documents = split_document_counts(len(lengths), SPLIT)[0] or 0
-    return int(sum(int(n) for n in lengths[:train_documents]))
+    return int(lengths[:train_documents].sum(dtype="int64"))
 
 
 def run_one(args: argparse.Namespace, spec: RunSpec, data: tuple[str, str]) -> Path:
@@ -244,6 +245,17 @@ def plot(results: list[dict], path: Path, scope: str) -> None:
     plt.close(figure)
 
 
+def _create_experiment(args: argparse.Namespace) -> None:
+    """Create the store and the experiment before runs start side by side (two jobs creating one sqlite
+    schema at once collide)."""
+    from mlflow.tracking import MlflowClient
+
+    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    client = MlflowClient(args.tracking_uri)
+    if client.get_experiment_by_name(args.experiment) is None:
+        client.create_experiment(args.experiment)
+
+
 def log_summary(args: argparse.Namespace, table: str, rows: list[dict], png: Path) -> str:
     """A summary run in the experiment holding the table (text and JSON) and the plot; returns its id."""
     from mlflow.tracking import MlflowClient
@@ -303,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     data = prepare_data(args)
     split_tokens = training_split_tokens(data[0])
+    _create_experiment(args)
     with ThreadPoolExecutor(max_workers=args.parallel_runs) as pool:
         outputs = list(pool.map(lambda spec: run_one(args, spec, data), runs))
     results = [collect(args, spec, output, split_tokens) for spec, output in zip(runs, outputs, strict=True)]

@@ -11,8 +11,8 @@ distinct storages, parameters excluded). It prints the MoR/vanilla ratio beside 
 peak memory for MoR N_r = 2 at 360M).
 
 With ``--tensor-parallel N`` it also launches N processes (torchrun, gloo on CPU) that build ``--tp-preset``
-(default the 730M MoR N_r = 2: the 135M and 360M shapes have 9 and 15 heads, which TP=2 cannot split) and its
-baseline at TP=N without and with ``parallel.sequence_parallel`` and report, per rank, the saved activation
+(default the 730M MoR N_r = 2: the 135M and 360M shapes have 9 and 15 heads, which TP=2 cannot split; at
+``--tp-seq-length``, default 512, for host memory) and its baseline at TP=N without and with ``parallel.sequence_parallel`` and report, per rank, the saved activation
 bytes per token: sequence parallelism keeps 1/N of the norm, residual and dropout activations.
 A benchmark, not a test: it asserts nothing.
 """
@@ -139,10 +139,10 @@ def _sequence_parallel_worker(args: argparse.Namespace) -> None:
     from mor_megatron.config import ParallelConfig
     from mor_megatron.runtime import destroy_distributed, init_distributed
 
-    model_cfg, recursion = bench_model_config(args.tp_preset, hidden_size=None, seq_length=args.seq_length)
+    model_cfg, recursion = bench_model_config(args.tp_preset, hidden_size=None, seq_length=args.tp_seq_length)
     base_cfg, base_recursion = vanilla_of_same_depth(model_cfg, recursion)
-    (batch,) = text_batches(1, batch_size=args.batch_size, seq_length=args.seq_length)
-    tokens = args.batch_size * args.seq_length
+    (batch,) = text_batches(1, batch_size=args.batch_size, seq_length=args.tp_seq_length)
+    tokens = args.batch_size * args.tp_seq_length
     result = {}
     for sequence_parallel in (False, True):
         parallel = ParallelConfig(tensor_parallel_size=args.tensor_parallel, sequence_parallel=sequence_parallel)
@@ -164,7 +164,7 @@ def sequence_parallel_activations(args: argparse.Namespace) -> list[dict]:
     """Launch the TP workers with torchrun; their per-rank results."""
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.tensor_parallel}",
                "--master-addr=127.0.0.1", f"--master-port={args.port}", "-m", "mor_megatron.bench.memory_compare",
-               "--tp-worker", f"--tensor-parallel={args.tensor_parallel}", f"--seq-length={args.seq_length}",
+               "--tp-worker", f"--tensor-parallel={args.tensor_parallel}", f"--tp-seq-length={args.tp_seq_length}",
                f"--batch-size={args.batch_size}", f"--dtype={args.dtype}", f"--tp-preset={args.tp_preset}"]
     stdout = _run(command, args.timeout_s, f"the TP={args.tensor_parallel} workers")
     return sorted(_result_lines(stdout), key=lambda r: r["rank"])
@@ -188,7 +188,7 @@ def format_pairs(args: argparse.Namespace, pairs: dict[str, list[ModelMemory]]) 
 
 def format_ranks(args: argparse.Namespace, ranks: list[dict]) -> str:
     lines = [f"activations saved for backward per token and rank, {args.tp_preset} and its baseline at "
-             f"TP={args.tensor_parallel}, seq {args.seq_length} x batch {args.batch_size} (KiB; largest rank)"]
+             f"TP={args.tensor_parallel}, seq {args.tp_seq_length} x batch {args.batch_size} (KiB; largest rank)"]
     for name in ("mor", "vanilla"):
         off, on = (max(r[f"{name}_sp{sp}"] for r in ranks) / 1024 for sp in (0, 1))
         lines.append(f"  {name:<8} sequence parallel off {off:8.1f}   on {on:8.1f}   ratio {on / off:.3f}")
@@ -200,7 +200,8 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mor-bench memory", description=__doc__.splitlines()[0])
-    parser.add_argument("--presets", nargs="+", default=["135m-mor-e-r2", "360m-mor-e-r2"])
+    parser.add_argument("--presets", nargs="*", default=["135m-mor-e-r2", "360m-mor-e-r2"],
+                        help="MoR presets compared with their vanilla baselines (none: only --tensor-parallel)")
     parser.add_argument("--seq-length", type=int, default=2048)
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--dtype", choices=list(_DTYPES), default="float32")
@@ -209,6 +210,9 @@ def main(argv: list[str] | None = None) -> int:
                              "parallelism (0: skip)")
     parser.add_argument("--tp-preset", default="730m-mor-e-r2",
                         help="the MoR preset of the --tensor-parallel measurement (its heads must divide by N)")
+    parser.add_argument("--tp-seq-length", type=int, default=512,
+                        help="sequence length of the --tensor-parallel measurement (two 730M ranks at 2048 tokens "
+                             "exceed 24 GiB; activations per token barely depend on it with O(s) attention)")
     parser.add_argument("--port", type=int, default=29561)
     parser.add_argument("--timeout-s", type=float, default=3600)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -237,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mor-bench memory: error: {err}", file=sys.stderr)
         return 2
     pairs = {name: measure(args, name) for name in args.presets}
-    if not args.json:
+    if pairs and not args.json:
         print(format_pairs(args, pairs), flush=True)
     ranks = sequence_parallel_activations(args) if args.tensor_parallel > 1 else []
     if args.json:

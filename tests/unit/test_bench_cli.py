@@ -69,7 +69,7 @@ def test_train_refuses_an_unknown_preset():
 
 def test_memory_measures_one_model_at_a_time_and_sequence_parallel_activations():
     values = _json_line(_bench("memory", "--presets", "tiny-mor-e-r2", "--seq-length", "32", "--tensor-parallel", "2",
-                               "--tp-preset", "tiny-mor-e-r2", "--json"))
+                               "--tp-preset", "tiny-mor-e-r2", "--tp-seq-length", "32", "--json"))
     mor, vanilla = values["pairs"]["tiny-mor-e-r2"]
     for model in (mor, vanilla):
         # fp32 weights and AdamW's two moments, counted from the parameter total, plus buffers and the batch.
