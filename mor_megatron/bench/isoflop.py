@@ -183,10 +183,12 @@ def collect(args: argparse.Namespace, spec: RunSpec, output: Path, split_tokens:
 
 
 def summarize(results: list[dict]) -> list[dict]:
-    """One row per (budget, model, control): means and spreads (max - min) over seeds."""
+    """One row per (budget, model, control): means and spreads (max - min) over seeds, and the difference to
+    vanilla paired by seed (same seed, same data order: what the seed does to every model cancels out)."""
     groups: dict[tuple, list[dict]] = {}
     for r in results:
         groups.setdefault((r["budget"], MODELS.index(r["model"]), r["equal_tokens"]), []).append(r)
+    vanilla = {(r["budget"], r["seed"]): r["val_loss"] for r in results if r["model"] == "vanilla"}
     rows = []
     for (budget, _, equal_tokens), runs in sorted(groups.items()):
         first = runs[0]
@@ -196,6 +198,9 @@ def summarize(results: list[dict]) -> list[dict]:
             values = [r[key] for r in runs]
             row[key] = statistics.fmean(values)
             row[f"{key}_spread"] = max(values) - min(values)
+        deltas = [r["val_loss"] - vanilla[(budget, r["seed"])] for r in runs]
+        row["delta_vs_vanilla"] = statistics.fmean(deltas)
+        row["delta_vs_vanilla_spread"] = max(deltas) - min(deltas)
         row["seeds"] = len(runs)
         rows.append(row)
     return rows
@@ -203,14 +208,16 @@ def summarize(results: list[dict]) -> list[dict]:
 
 def format_table(rows: list[dict], scope: str) -> str:
     header = (f"{'budget':>8} {'model':<26}{'unique params':>14}{'FLOPs/token':>13}{'steps':>7}{'tokens':>11}"
-              f"{'epochs':>8}{'val NLL top-k':>19}{'val NLL causal':>19}")
-    lines = [f"isoFLOP table (FLOPs scope: {scope}; NLL: mean +- spread (max - min) over seeds)", header]
+              f"{'epochs':>8}{'val NLL top-k':>19}{'val NLL causal':>19}{'top-k - vanilla':>20}")
+    lines = [f"isoFLOP table (FLOPs scope: {scope}; NLL: mean +- spread (max - min) over seeds; the last column "
+             "pairs each seed with vanilla's)", header]
     for r in rows:
         name = r["model"] + (" (equal tokens)" if r["equal_tokens"] else "")
         lines.append(f"{r['budget']:>8.1e} {name:<26}{r['unique_params']:>14,}{r['flops_per_token']:>13.3g}"
                      f"{r['steps']:>7}{r['tokens']:>11,}{r['epochs']:>8.2f}"
                      f"{r['val_loss']:>12.4f} +-{r['val_loss_spread']:.4f}"
-                     f"{r['val_loss_causal']:>12.4f} +-{r['val_loss_causal_spread']:.4f}")
+                     f"{r['val_loss_causal']:>12.4f} +-{r['val_loss_causal_spread']:.4f}"
+                     f"{r['delta_vs_vanilla']:>+13.4f} +-{r['delta_vs_vanilla_spread']:.4f}")
     return "\n".join(lines)
 
 
@@ -262,8 +269,10 @@ def log_summary(args: argparse.Namespace, table: str, rows: list[dict], png: Pat
 
     client = MlflowClient(args.tracking_uri)
     experiment = client.get_experiment_by_name(args.experiment)
-    run = client.create_run(experiment.experiment_id, run_name="isoflop-summary",
-                            tags={"mor.isoflop": "summary"})
+    # A rerun (more seeds, a finished experiment re-tabled) updates the summary instead of adding one.
+    earlier = client.search_runs([experiment.experiment_id], "tags.`mor.isoflop` = 'summary'")
+    run = earlier[0] if earlier else client.create_run(experiment.experiment_id, run_name="isoflop-summary",
+                                                       tags={"mor.isoflop": "summary"})
     client.log_text(run.info.run_id, table, "isoflop/table.txt")
     client.log_dict(run.info.run_id, rows, "isoflop/table.json")
     client.log_artifact(run.info.run_id, str(png), "isoflop")
