@@ -107,15 +107,9 @@ if [[ "$no_ssh" == "1" ]]; then
 fi
 
 if [[ "$no_ssh" == "1" ]] && (( num_nodes > 1 )); then
-  # gloo binds to the hostname's address, often 127.0.0.1 on cluster images: name the interface that routes
-  # to MASTER_ADDR instead (values already set are kept). A bad MASTER_ADDR stops here. (In the pdsh form
-  # every worker makes the same choice for itself.)
-  rendezvous=("$python" -m mor_megatron.cli.rendezvous --prog launch_deepspeed.sh --master-addr "$MASTER_ADDR"
-              --master-port "$master_port" --node-rank "$node_rank" --num-nodes "$num_nodes")
-  exports="$("${rendezvous[@]}")" || exit 2
-  eval "$exports"
-  echo "launch_deepspeed.sh: node $node_rank: sockets over GLOO_SOCKET_IFNAME=${GLOO_SOCKET_IFNAME:-}" \
-       "NCCL_SOCKET_IFNAME=${NCCL_SOCKET_IFNAME:-} towards MASTER_ADDR=$MASTER_ADDR" >&2
+  # (In the pdsh form every worker makes the same choice for itself, in init_distributed.)
+  source "$repo/tools/rendezvous_lib.sh"
+  rendezvous_interfaces launch_deepspeed.sh "$MASTER_ADDR" "$master_port" "$node_rank" "$num_nodes"
 fi
 
 cuda_devices="$("$python" -c 'import torch; print(torch.cuda.device_count())')"

@@ -77,14 +77,8 @@ if (( nnodes > 1 )) && [[ -z "${MASTER_ADDR:-}" ]]; then
 fi
 
 if (( nnodes > 1 )); then
-  # gloo binds to the hostname's address, often 127.0.0.1 on cluster images: name the interface that
-  # routes to MASTER_ADDR instead (values already set are kept). A bad MASTER_ADDR stops here.
-  rendezvous=("$python" -m mor_megatron.cli.rendezvous --prog launch_torchrun.sh --master-addr "$master_addr"
-              --master-port "$master_port" --node-rank "$node_rank" --num-nodes "$nnodes")
-  exports="$("${rendezvous[@]}")" || exit 2
-  eval "$exports"
-  echo "launch_torchrun.sh: node $node_rank: sockets over GLOO_SOCKET_IFNAME=${GLOO_SOCKET_IFNAME:-}" \
-       "NCCL_SOCKET_IFNAME=${NCCL_SOCKET_IFNAME:-} towards MASTER_ADDR=$master_addr" >&2
+  source "$repo/tools/rendezvous_lib.sh"
+  rendezvous_interfaces launch_torchrun.sh "$master_addr" "$master_port" "$node_rank" "$nnodes"
 fi
 
 if [[ -n "${GPUS_PER_NODE:-}" ]]; then

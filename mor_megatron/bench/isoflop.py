@@ -130,8 +130,9 @@ def run_one(args: argparse.Namespace, spec: RunSpec, data: tuple[str, str]) -> P
         shutil.rmtree(output)  # an interrupted run starts over (no checkpoints are kept)
     prefix, tokenizer = data
     eval_interval = max(1, spec.steps // args.evaluations)
+    model, _ = _model(args, spec.model)  # the model the FLOPs accounting counted
     overrides = [
-        f"preset={args.base}-{spec.model}", f"model.max_seq_length={max(256, args.seq_length)}",
+        f"preset={args.base}-{spec.model}", f"model.max_seq_length={model.max_seq_length}",
         f"data.blend=[{prefix}]", f"data.tokenizer={tokenizer}", f"data.split={SPLIT}",
         f"train.train_steps={spec.steps}", f"train.seq_length={args.seq_length}",
         f"train.global_batch_size={args.global_batch_size}", f"train.micro_batch_size={args.global_batch_size}",

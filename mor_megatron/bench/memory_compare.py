@@ -23,11 +23,12 @@ import argparse
 import gc
 import json
 import os
-import subprocess
 import sys
 from dataclasses import asdict, dataclass
 
 import torch
+
+from mor_megatron.bench.worker_results import emit, run_for_results
 
 PAPER_MEMORY_RATIO = 0.75
 """Peak training memory of MoR (N_r = 2) / vanilla at 360M in the paper (25% less)."""
@@ -71,7 +72,7 @@ def saved_activation_bytes(model: torch.nn.Module, batch: torch.Tensor) -> int:
 
 def _measure_worker(args: argparse.Namespace) -> None:
     """One model in this fresh process (``--baseline``: the preset's vanilla model): its :class:`ModelMemory`."""
-    from mor_megatron.bench.model_step import bench_model_config, build_bench_model, vanilla_of_same_depth
+    from mor_megatron.bench.model_step import DTYPES, bench_model_config, build_bench_model, vanilla_of_same_depth
     from mor_megatron.bench.train_compare import BenchModel, measure_step_memory, text_batches
     from mor_megatron.config import ParallelConfig
     from mor_megatron.runtime import destroy_distributed, init_distributed
@@ -86,14 +87,14 @@ def _measure_worker(args: argparse.Namespace) -> None:
     try:
         batches = [b.to(ctx.device) for b in text_batches(3, batch_size=args.batch_size, seq_length=args.seq_length)]
         trainee = BenchModel(build_bench_model(model_cfg, recursion, pg_collection=ctx.pg_collection,
-                                               device=ctx.device, dtype=_DTYPES[args.dtype]), lr=3e-4)
+                                               device=ctx.device, dtype=DTYPES[args.dtype]), lr=3e-4)
         resident, step_peak = measure_step_memory(trainee, (batches[0], batches[1]), ctx.device)
         saved = saved_activation_bytes(trainee.model, batches[2])
         result = ModelMemory(name, sum(p.numel() for p in trainee.model.parameters()), resident, step_peak,
                              saved / (args.batch_size * args.seq_length))
     finally:
         destroy_distributed()
-    _emit(asdict(result))
+    emit(_RESULT_PREFIX, asdict(result))
 
 
 def measure(args: argparse.Namespace, preset_name: str) -> list[ModelMemory]:
@@ -105,36 +106,22 @@ def measure(args: argparse.Namespace, preset_name: str) -> list[ModelMemory]:
         command = [sys.executable, "-m", "mor_megatron.bench.memory_compare", "--measure-one", "--presets",
                    preset_name, f"--seq-length={args.seq_length}", f"--batch-size={args.batch_size}",
                    f"--dtype={args.dtype}", *(["--baseline"] if baseline else [])]
-        (line,) = _result_lines(_run(command, args.timeout_s, f"measuring {preset_name}"))
+        (line,) = _run(command, args.timeout_s, f"measuring {preset_name}")
         results.append(ModelMemory(**line))
     return results
 
 
-def _emit(result: dict) -> None:
-    # One write per line: torchrun's workers share the pipe (unbuffered), and print() writes the newline apart.
-    sys.stdout.write(_RESULT_PREFIX + json.dumps(result) + "\n")
-    sys.stdout.flush()
-
-
-def _run(command: list[str], timeout_s: float, what: str) -> str:
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+def _run(command: list[str], timeout_s: float, what: str) -> list[dict]:
     # glibc serves blocks below its (growing) mmap threshold from heaps that keep freed memory: at 360M the
     # process would hold ~2x its peak of live tensors. A fixed 1 MiB threshold maps large tensors and returns
     # them on free, so the host memory tracks the tensors measured (measurements are of tensors either way).
-    env.setdefault("MALLOC_MMAP_THRESHOLD_", str(2**20))
-    out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout_s)
-    if out.returncode != 0:
-        raise RuntimeError(f"{what} failed (exit {out.returncode}):\n{out.stderr[-4000:]}")
-    return out.stdout
-
-
-def _result_lines(stdout: str) -> list[dict]:
-    return [json.loads(line[len(_RESULT_PREFIX):]) for line in stdout.splitlines() if line.startswith(_RESULT_PREFIX)]
+    threshold = {"MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", str(2**20))}
+    return run_for_results(command, _RESULT_PREFIX, timeout_s=timeout_s, what=what, env=threshold)
 
 
 def _sequence_parallel_worker(args: argparse.Namespace) -> None:
     """One TP rank: saved activation bytes per token of the preset and its baseline, SP off and on."""
-    from mor_megatron.bench.model_step import bench_model_config, build_bench_model, vanilla_of_same_depth
+    from mor_megatron.bench.model_step import DTYPES, bench_model_config, build_bench_model, vanilla_of_same_depth
     from mor_megatron.bench.train_compare import text_batches
     from mor_megatron.config import ParallelConfig
     from mor_megatron.runtime import destroy_distributed, init_distributed
@@ -150,13 +137,13 @@ def _sequence_parallel_worker(args: argparse.Namespace) -> None:
         try:
             for name, (m, r) in (("mor", (model_cfg, recursion)), ("vanilla", (base_cfg, base_recursion))):
                 model = build_bench_model(m, r, pg_collection=ctx.pg_collection, device=ctx.device,
-                                          dtype=_DTYPES[args.dtype], parallel=parallel)
+                                          dtype=DTYPES[args.dtype], parallel=parallel)
                 result[f"{name}_sp{int(sequence_parallel)}"] = saved_activation_bytes(model, batch.to(ctx.device)) / tokens
                 del model
                 gc.collect()
         finally:
             destroy_distributed(keep_process_group=True)
-    _emit({"rank": torch.distributed.get_rank(), **result})
+    emit(_RESULT_PREFIX, {"rank": torch.distributed.get_rank(), **result})
     torch.distributed.destroy_process_group()
 
 
@@ -166,8 +153,7 @@ def sequence_parallel_activations(args: argparse.Namespace) -> list[dict]:
                "--master-addr=127.0.0.1", f"--master-port={args.port}", "-m", "mor_megatron.bench.memory_compare",
                "--tp-worker", f"--tensor-parallel={args.tensor_parallel}", f"--tp-seq-length={args.tp_seq_length}",
                f"--batch-size={args.batch_size}", f"--dtype={args.dtype}", f"--tp-preset={args.tp_preset}"]
-    stdout = _run(command, args.timeout_s, f"the TP={args.tensor_parallel} workers")
-    return sorted(_result_lines(stdout), key=lambda r: r["rank"])
+    return sorted(_run(command, args.timeout_s, f"the TP={args.tensor_parallel} workers"), key=lambda r: r["rank"])
 
 
 def format_pairs(args: argparse.Namespace, pairs: dict[str, list[ModelMemory]]) -> str:
@@ -195,16 +181,13 @@ def format_ranks(args: argparse.Namespace, ranks: list[dict]) -> str:
     return "\n".join(lines)
 
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mor-bench memory", description=__doc__.splitlines()[0])
     parser.add_argument("--presets", nargs="*", default=["135m-mor-e-r2", "360m-mor-e-r2"],
                         help="MoR presets compared with their vanilla baselines (none: only --tensor-parallel)")
     parser.add_argument("--seq-length", type=int, default=2048)
     parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--dtype", choices=list(_DTYPES), default="float32")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--tensor-parallel", type=int, default=0,
                         help="also measure activations per rank at this TP size, without and with sequence "
                              "parallelism (0: skip)")

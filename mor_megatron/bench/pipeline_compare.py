@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
-import subprocess
 import sys
 import time
+
+from mor_megatron.bench.worker_results import emit, run_for_results
 
 _RESULT_PREFIX = "MOR_BENCH_PIPELINE "
 
@@ -63,9 +63,7 @@ def _worker(args: argparse.Namespace) -> None:
                   "params": sum(p.numel() for p in engine.model.parameters()),
                   "num_microbatches": engine.num_microbatches,
                   "virtual_stages": virtual_pipeline_size(config.recursion, config.parallel) or 1}
-        # One write per line: torchrun's workers share the pipe, and print() writes the newline apart.
-        sys.stdout.write(_RESULT_PREFIX + json.dumps(result) + "\n")
-        sys.stdout.flush()
+        emit(_RESULT_PREFIX, result)
     finally:
         destroy_distributed()
 
@@ -77,12 +75,9 @@ def _launch(args: argparse.Namespace, pp: int, port: int) -> list[dict]:
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={pp}", "--master-addr=127.0.0.1",
                f"--master-port={port}", "-m", "mor_megatron.bench.pipeline_compare", "--worker", f"--pp={pp}",
                *worker_args]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=args.timeout_s)
-    if out.returncode != 0:
-        raise RuntimeError(f"pipeline benchmark at PP={pp} failed:\n{out.stderr[-4000:]}")
-    return sorted((json.loads(line[len(_RESULT_PREFIX):]) for line in out.stdout.splitlines()
-                   if line.startswith(_RESULT_PREFIX)), key=lambda r: r["pp_rank"])
+    results = run_for_results(command, _RESULT_PREFIX, timeout_s=args.timeout_s,
+                              what=f"pipeline benchmark at PP={pp}")
+    return sorted(results, key=lambda r: r["pp_rank"])
 
 
 def compare(args: argparse.Namespace) -> dict:

@@ -24,7 +24,7 @@ from megatron.core.transformer.enums import AttnMaskType
 
 from mor_megatron.model.kv_share import KVShareSession
 from mor_megatron.model.recursion import ActiveTokens
-from mor_megatron.model.sequence_parallel import pad_rows
+from mor_megatron.model.recursion_state import pad_rows
 
 
 class MoRSelfAttention(SelfAttention):

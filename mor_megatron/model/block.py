@@ -33,16 +33,10 @@ from mor_megatron.model.attention import MoRSelfAttention
 from mor_megatron.model.aux_loss import attach_aux_loss
 from mor_megatron.model.kv_share import KVShareSession, SharedKV
 from mor_megatron.model.recursion import ActiveTokens, expert_choice_update, token_choice_update
-from mor_megatron.model.recursion_state import PipelinePacking, RecursionState
+from mor_megatron.model.recursion_state import PipelinePacking, RecursionState, pad_rows, padded_length
 from mor_megatron.model.router_stats import RouterStats
 from mor_megatron.model.routing import ExpertChoiceRouter, RoutingMode, TokenChoiceRouter
-from mor_megatron.model.sequence_parallel import (
-    gather_sequence,
-    pad_attention_mask,
-    pad_rows,
-    padded_length,
-    split_sequence,
-)
+from mor_megatron.model.sequence_parallel import gather_sequence, pad_attention_mask, split_sequence
 
 
 class MoRBlock(TransformerBlock):

@@ -34,6 +34,18 @@ from mor_megatron.model.recursion import ActiveTokens
 _SEQUENCE_FIELDS = ("hidden", "work", "first")
 
 
+def padded_length(length: int, multiple: int) -> int:
+    """``length`` rounded up to a multiple of ``multiple``."""
+    return -(-length // multiple) * multiple
+
+
+def pad_rows(x: Tensor, rows: int) -> Tensor:
+    """``x`` with zero rows appended along the first axis up to ``rows``."""
+    if x.shape[0] == rows:
+        return x
+    return torch.cat([x, x.new_zeros(rows - x.shape[0], *x.shape[1:])], dim=0)
+
+
 @dataclass
 class RecursionState:
     """The recursion loop's state for one micro-batch.
@@ -96,8 +108,7 @@ class PipelinePacking:
     @property
     def rows(self) -> int:
         """First-axis length of the packed tensor: the ``seq_length`` to give megatron's schedules."""
-        rows = sum(self._rows(name) for name in self.fields)
-        return -(-rows // self.row_multiple) * self.row_multiple
+        return padded_length(sum(self._rows(name) for name in self.fields), self.row_multiple)
 
     def pack(self, state: RecursionState) -> Tensor:
         """Stack ``state`` into ``[rows, b, h]`` in the hidden states' dtype."""
@@ -114,10 +125,7 @@ class PipelinePacking:
             values["gate"] = active.scatter_rows(hidden.new_zeros(batch, self.seq_length), state.gate.t())
         parts = [values[name] if name in _SEQUENCE_FIELDS else self._scalar_rows(values[name].to(hidden.dtype))
                  for name in self.fields]
-        packed = torch.cat(parts, dim=0)
-        if packed.shape[0] < self.rows:
-            packed = torch.cat([packed, packed.new_zeros(self.rows - packed.shape[0], *packed.shape[1:])])
-        return packed
+        return pad_rows(torch.cat(parts, dim=0), self.rows)
 
     def unpack(self, packed: Tensor) -> RecursionState:
         """Inverse of :meth:`pack`."""

@@ -7,8 +7,8 @@ compacted tokens of a recursion come from all of it), so a routed MoR block
 * gathers the stream once after the prefix layers (:func:`gather_sequence`); routing, gates, compaction and
   the combine then run on the whole sequence, identically on every TP rank (the *replicated region*);
 * splits each recursion's compacted tokens across the TP ranks, padded at the end to a multiple of tp
-  (:func:`split_padded`), so the shared layers run in megatron's SP mode, and gathers their output back
-  (:func:`gather_sequence`, padding dropped);
+  (:func:`~mor_megatron.model.recursion_state.pad_rows`, :func:`split_sequence`), so the shared layers run in
+  megatron's SP mode, and gathers their output back (:func:`gather_sequence`, padding dropped);
 * splits the stream again before the suffix layers (:func:`split_sequence`).
 
 Gradients: a gather whose output feeds the replicated region gets every rank's identical full gradient, so its
@@ -34,23 +34,6 @@ def gather_sequence(x: Tensor, group) -> Tensor:
 def split_sequence(x: Tensor, group) -> Tensor:
     """``[s, ...]`` (the same on every rank) -> this rank's ``[s/tp, ...]``."""
     return scatter_to_sequence_parallel_region(x, group=group)
-
-
-def padded_length(length: int, tp: int) -> int:
-    """``length`` rounded up to a multiple of ``tp``."""
-    return -(-length // tp) * tp
-
-
-def pad_rows(x: Tensor, rows: int) -> Tensor:
-    """``x`` with zero rows appended along the first axis up to ``rows``."""
-    if x.shape[0] == rows:
-        return x
-    return torch.cat([x, x.new_zeros(rows - x.shape[0], *x.shape[1:])], dim=0)
-
-
-def split_padded(x: Tensor, group) -> Tensor:
-    """Compacted tokens ``[k, ...]`` -> this rank's slice of them padded to a multiple of tp."""
-    return split_sequence(pad_rows(x, padded_length(x.shape[0], group.size())), group)
 
 
 def pad_attention_mask(mask: Tensor, rows: int) -> Tensor:

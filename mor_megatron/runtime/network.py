@@ -41,8 +41,12 @@ class Route:
     local_ip: str
 
     @property
+    def master_is_loopback(self) -> bool:
+        return ipaddress.ip_address(self.master_ip).is_loopback
+
+    @property
     def master_is_this_host(self) -> bool:
-        return self.local_ip == self.master_ip or ipaddress.ip_address(self.master_ip).is_loopback
+        return self.local_ip == self.master_ip or self.master_is_loopback
 
 
 def interface_addresses() -> dict[str, str]:
@@ -84,7 +88,7 @@ def check_rendezvous_address(route: Route, *, node_rank: int, num_nodes: int) ->
     than 0 holding it."""
     if num_nodes <= 1:
         return
-    if ipaddress.ip_address(route.master_ip).is_loopback:
+    if route.master_is_loopback:
         raise NetworkError(f"MASTER_ADDR={route.master_addr} resolves to {route.master_ip} (loopback), which the "
                            f"other nodes cannot reach; use node 0's address on the network")
     if node_rank == 0 and not route.master_is_this_host:
@@ -109,7 +113,7 @@ def use_route_interfaces(master_addr: str, environ: dict[str, str] | os._Environ
         route = route_to(master_addr)
     except NetworkError:
         return {}
-    if ipaddress.ip_address(route.master_ip).is_loopback:
+    if route.master_is_loopback:
         return {}
     chosen = {name: route.interface for name in missing}
     environ.update(chosen)

@@ -46,8 +46,8 @@ def check_deepspeed_job(config: JobConfig, *, world_size: int, device_type: str)
 
     Raises:
         ConfigError: pipeline or sequence parallelism is requested (the DeepSpeed path runs tensor x data
-            parallel only),
-            ``deepspeed.config`` names a missing or malformed JSON, or the JSON conflicts with the config.
+            parallel only), ``deepspeed.config`` names a missing or malformed JSON, or the JSON conflicts with
+            the config.
     """
     pp = config.parallel.pipeline_parallel_size
     if pp != 1:
